@@ -1,0 +1,189 @@
+"""ViT image encoder of SAM (mirrors `segment_anything/modeling/image_encoder.py`).
+
+Layout is NHWC throughout. Parameter names follow the PyTorch attribute names
+(`patch_embed/proj`, `pos_embed`, `blocks_3/attn/qkv`, `neck_0` ...), so that the
+checkpoint converter is a few generic rules.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from samjax.modeling.common import LayerNorm, MLPBlock, dense
+
+Dtype = Any
+
+
+def window_partition(x: jax.Array, window_size: int) -> Tuple[jax.Array, Tuple[int, int]]:
+  """(B, H, W, C) -> (B * num_windows, ws, ws, C), zero-padding H, W up to multiples of ws.
+
+  The padded tokens are zeros *after* norm1, exactly as the reference, and they take
+  part in attention unmasked (the reference does not mask them either).
+  """
+  b, h, w, c = x.shape
+  pad_h = (window_size - h % window_size) % window_size
+  pad_w = (window_size - w % window_size) % window_size
+  if pad_h or pad_w:
+    x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+  hp, wp = h + pad_h, w + pad_w
+  x = x.reshape(b, hp // window_size, window_size, wp // window_size, window_size, c)
+  x = x.transpose(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, c)
+  return x, (hp, wp)
+
+
+def window_unpartition(windows: jax.Array, window_size: int, pad_hw: Tuple[int, int],
+                       hw: Tuple[int, int]) -> jax.Array:
+  """Inverse of `window_partition`, dropping the padding."""
+  hp, wp = pad_hw
+  h, w = hw
+  b = windows.shape[0] // ((hp // window_size) * (wp // window_size))
+  x = windows.reshape(b, hp // window_size, wp // window_size, window_size, window_size, -1)
+  x = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, -1)
+  return x[:, :h, :w, :]
+
+
+def get_rel_pos(q_size: int, k_size: int, rel_pos: jax.Array) -> jax.Array:
+  """Relative position table gathered to (q_size, k_size, head_dim).
+
+  SAM always runs at its native resolution, so the table already has 2*size-1 rows
+  (the reference's linear re-interpolation branch never triggers); a mismatch is an
+  error rather than a silent resample.
+  """
+  max_rel_dist = 2 * max(q_size, k_size) - 1
+  if rel_pos.shape[0] != max_rel_dist:
+    raise ValueError(f"relative position table has {rel_pos.shape[0]} rows, expected "
+                     f"{max_rel_dist} for a {q_size}x{k_size} attention grid")
+  q_coords = jnp.arange(q_size)[:, None] * max(k_size / q_size, 1.0)
+  k_coords = jnp.arange(k_size)[None, :] * max(q_size / k_size, 1.0)
+  rel = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
+  return rel_pos[rel.astype(jnp.int32)]
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with decomposed relative position bias (MViTv2)."""
+
+  num_heads: int
+  input_size: Tuple[int, int]
+  use_rel_pos: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    nh = self.num_heads
+    hd = c // nh
+    qkv = dense(3 * c, "qkv", self.dtype, self.param_dtype)(x)
+    qkv = qkv.reshape(b, h * w, 3, nh, hd)  # (B, N, 3, heads, hd)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    logits = jnp.einsum("bqnd,bknd->bnqk", q * (hd ** -0.5), k,
+                        preferred_element_type=jnp.float32)  # (B, heads, N, N)
+    if self.use_rel_pos:
+      rel_pos_h = self.param("rel_pos_h", nn.initializers.zeros,
+                             (2 * self.input_size[0] - 1, hd), self.param_dtype)
+      rel_pos_w = self.param("rel_pos_w", nn.initializers.zeros,
+                             (2 * self.input_size[1] - 1, hd), self.param_dtype)
+      rh = get_rel_pos(h, h, rel_pos_h).astype(self.dtype)  # (qh, kh, hd)
+      rw = get_rel_pos(w, w, rel_pos_w).astype(self.dtype)  # (qw, kw, hd)
+      r_q = q.reshape(b, h, w, nh, hd)
+      rel_h = jnp.einsum("byxnd,ykd->bnyxk", r_q, rh, preferred_element_type=jnp.float32)
+      rel_w = jnp.einsum("byxnd,xkd->bnyxk", r_q, rw, preferred_element_type=jnp.float32)
+      logits = logits.reshape(b, nh, h, w, h, w)
+      logits = logits + rel_h[:, :, :, :, :, None] + rel_w[:, :, :, :, None, :]
+      logits = logits.reshape(b, nh, h * w, h * w)
+    attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    out = jnp.einsum("bnqk,bknd->bqnd", attn, v).reshape(b, h, w, c)
+    return dense(c, "proj", self.dtype, self.param_dtype)(out)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block; windowed attention when `window_size > 0`."""
+
+  num_heads: int
+  mlp_ratio: float
+  window_size: int
+  input_size: Tuple[int, int]
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    shortcut = x
+    x = LayerNorm(1e-6, self.dtype, self.param_dtype, name="norm1")(x)
+    attn_size = self.input_size if self.window_size == 0 else (self.window_size,) * 2
+    attn = Attention(self.num_heads, attn_size, True, self.dtype, self.param_dtype, name="attn")
+    if self.window_size > 0:
+      h, w = x.shape[1], x.shape[2]
+      x, pad_hw = window_partition(x, self.window_size)
+      x = attn(x)
+      x = window_unpartition(x, self.window_size, pad_hw, (h, w))
+    else:
+      x = attn(x)
+    x = shortcut + x
+    mlp = MLPBlock(int(c * self.mlp_ratio), dtype=self.dtype, param_dtype=self.param_dtype,
+                   name="mlp")
+    return x + mlp(LayerNorm(1e-6, self.dtype, self.param_dtype, name="norm2")(x))
+
+
+class PatchEmbed(nn.Module):
+  """Non-overlapping patch projection: (B, S, S, 3) -> (B, S/p, S/p, embed_dim)."""
+
+  patch_size: int
+  embed_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    p = self.patch_size
+    return nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                   param_dtype=self.param_dtype, name="proj")(x.astype(self.dtype))
+
+
+class ImageEncoderViT(nn.Module):
+  """SAM's ViT backbone and neck.
+
+  Input: normalised, padded images (B, S, S, 3) float32 with S = image_size.
+  Output: image embeddings (B, S/16, S/16, prompt_embed_dim).
+  """
+
+  image_size: int = 1024
+  patch_size: int = 16
+  embed_dim: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_ratio: float = 4.0
+  out_chans: int = 256
+  window_size: int = 14
+  global_attn_indexes: Tuple[int, ...] = ()
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    grid = self.image_size // self.patch_size
+    if x.shape[1:] != (self.image_size, self.image_size, 3):
+      raise ValueError(f"image encoder expects (B, {self.image_size}, {self.image_size}, 3) "
+                       f"inputs, got {tuple(x.shape)}")
+    p = self.patch_size
+    x = PatchEmbed(p, self.embed_dim, self.dtype, self.param_dtype, name="patch_embed")(x)
+    pos_embed = self.param("pos_embed", nn.initializers.zeros,
+                           (1, grid, grid, self.embed_dim), self.param_dtype)
+    x = x + pos_embed.astype(self.dtype)
+    for i in range(self.depth):
+      x = Block(self.num_heads, self.mlp_ratio,
+                0 if i in self.global_attn_indexes else self.window_size, (grid, grid),
+                self.dtype, self.param_dtype, name=f"blocks_{i}")(x)
+      self.sow("intermediates", f"blocks_{i}", x)
+    x = nn.Conv(self.out_chans, (1, 1), use_bias=False, dtype=self.dtype,
+                param_dtype=self.param_dtype, name="neck_0")(x)
+    x = LayerNorm(1e-6, self.dtype, self.param_dtype, name="neck_1")(x)
+    x = nn.Conv(self.out_chans, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+                dtype=self.dtype, param_dtype=self.param_dtype, name="neck_2")(x)
+    x = LayerNorm(1e-6, self.dtype, self.param_dtype, name="neck_3")(x)
+    return x

@@ -144,6 +144,11 @@ class PromptEncoder(nn.Module):
       bs = masks.shape[0]
     else:
       bs = batch_size or 1
+    if self.is_initializing():
+      # Create every parameter whatever prompts `init` was called with.
+      for e in (*self.point_embeddings, self.not_a_point_embed, self.no_mask_embed):
+        e(jnp.zeros((1,), jnp.int32))
+      self.embed_masks(jnp.zeros((1, *(4 * s for s in self.image_embedding_size))))
     parts, valid = [], []
     if points is not None:
       pe = self.embed_points(points, labels, pad=boxes is None)

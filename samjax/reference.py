@@ -39,6 +39,8 @@ def build_official(config: SamConfig):
           transformer_dim=config.prompt_embed_dim, iou_head_depth=config.iou_head_depth,
           iou_head_hidden_dim=config.iou_head_hidden_dim),
       pixel_mean=list(config.pixel_mean), pixel_std=list(config.pixel_std))
+  for p in sam.parameters():  # inference only: plain tensors, `.numpy()` works directly
+    p.requires_grad_(False)
   return sam.eval()
 
 

@@ -391,6 +391,12 @@ def test_box_nms_degenerate_and_threshold_rounding():
     keep, order = _nms(boxes, scores, np.ones(2, bool), iou_threshold=thr)
     np.testing.assert_array_equal(A.nms_kept_indices(keep, order), ref)
   assert _ref_nms(boxes, scores, 0.1).tolist() == [0]
+  # A traced threshold (compared in float32) still works under jit.
+  rng = np.random.default_rng(15)
+  boxes = _random_boxes(rng, 128, span=96)
+  scores = rng.random(128).astype(np.float32)
+  keep, order = jax.jit(A.box_nms)(boxes, scores, 0.7)
+  np.testing.assert_array_equal(A.nms_kept_indices(keep, order), _ref_nms(boxes, scores, 0.7))
   # N = 0 is allowed.
   keep, order = A.box_nms(jnp.zeros((0, 4)), jnp.zeros((0,)), 0.7)
   assert keep.shape == order.shape == (0,)

@@ -15,3 +15,6 @@ def build_sam(config, dtype=None):
   if isinstance(config, str):
     config = get_config(config)
   return Sam(config, dtype=dtype or jnp.float32)
+from samjax.model import SamModel  # noqa: E402
+from samjax.predictor import Predictor, SAMPredictor, SamPredictor  # noqa: E402
+from samjax.transforms import ResizeLongestSide  # noqa: E402

@@ -859,6 +859,7 @@ def run_job(inputs: Sequence[PathLike], out_dir: PathLike, generate_batch: Gener
                             max_pixels=max_pixels)
   try:
     for batch in loader:
+      n_batch = len(batch)
       good = []
       for path, result in batch:
         if isinstance(result, BadImageError):
@@ -882,7 +883,7 @@ def run_job(inputs: Sequence[PathLike], out_dir: PathLike, generate_batch: Gener
         except Exception as e:  # Bad annotation, overlay or disk error: this image only.
           failures.add(path, "write", f"could not write output: {_describe(e)}")
       del results, good
-      bar.update(len(todo) and (done + failures.count - bar.n))
+      bar.update(n_batch)
       bar.set_postfix(failed=failures.count, refresh=False)
   finally:
     loader.close()

@@ -5,6 +5,9 @@ import pytest
 
 from samjax import viz
 
+# pycocotools' Cython decode trips a NumPy 2 deprecation warning; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
 
 def _image(h=120, w=160):
   yy, xx = np.mgrid[0:h, 0:w]

@@ -234,8 +234,9 @@ def _decode_polygons(polys: List[List[float]], h: int, w: int) -> np.ndarray:
   return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polys, h, w))).astype(bool)
 
 
-def write_coco_dataset(out_dir: str, num_images: int, seed: int, size: Union[int, Sequence[int]] = 256,
-                       rle: bool = False, max_objects: int = 6, min_area: int = 30) -> str:
+def write_coco_dataset(out_dir: str, num_images: int, seed: int,
+                       size: Union[int, Sequence[int]] = 256, rle: bool = False,
+                       max_objects: int = 6, min_area: int = 30) -> str:
   """Writes a synthetic COCO-format instance-segmentation dataset.
 
   Image i comes from its own `SeedSequence(seed).spawn(...)` child, so a dataset with

@@ -684,7 +684,8 @@ def _write_overlay(png_path: str, image: np.ndarray, record: dict[str, Any],
   anns = [dict(a, segmentation=mask_utils.decode(a["segmentation"]).astype(bool))
           for a in record["annotations"]]
   vis = np.asarray(overlay_fn(image, anns))
-  if vis.dtype != np.uint8 or vis.ndim not in (2, 3) or (vis.ndim == 3 and vis.shape[2] not in (3, 4)):
+  channels = vis.shape[2] if vis.ndim == 3 else 1
+  if vis.dtype != np.uint8 or vis.ndim not in (2, 3) or channels not in (1, 3, 4):
     raise ValueError(f"overlay_fn must return uint8 (H, W[, 3|4]), got {vis.dtype} {vis.shape}")
   if vis.ndim == 3:  # RGB(A) -> OpenCV's BGR(A).
     vis = np.concatenate([vis[:, :, 2::-1], vis[:, :, 3:]], axis=2)

@@ -114,7 +114,7 @@ def fetch(model_type: str = DEFAULT_MODEL, progress: bool = True, keep_pth: bool
           f"{spec.filename} elsewhere and either put it at {pth} (it will be verified and "
           f"converted), or load it directly: samjax.Predictor.from_checkpoint('/path/to/"
           f"{spec.filename}'), or convert it: samjax convert {spec.filename} OUT_DIR") from None
-  convert_checkpoint(pth, orbax_dir, model_type=model_type, overwrite=True)
+  convert_checkpoint(pth, orbax_dir, model_type=spec.model_type, overwrite=True)
   if not keep_pth:
     pth.unlink()
   return orbax_dir

@@ -1,0 +1,1 @@
+"""Checkpoint conversion scripts (thin wrappers over `samjax.checkpoint`)."""

@@ -22,8 +22,8 @@ Dtype = Any
 
 
 @functools.lru_cache(maxsize=32)
-def _module(config: SamConfig, dtype) -> Sam:
-  return Sam(config, dtype=dtype)
+def _module(config: SamConfig, dtype, attention_impl: str = "auto") -> Sam:
+  return Sam(config, dtype=dtype, attention_impl=attention_impl)
 
 
 def normalize_images(images: jax.Array, config: SamConfig,
@@ -55,7 +55,8 @@ def normalize_images(images: jax.Array, config: SamConfig,
 
 
 def encode_image(params, images: jax.Array, config: SamConfig, dtype: Dtype = jnp.float32,
-                 valid_hw: Optional[jax.Array] = None) -> jax.Array:
+                 valid_hw: Optional[jax.Array] = None, attention_impl: str = "auto"
+                 ) -> jax.Array:
   """Image embeddings.
 
   Args:
@@ -64,12 +65,16 @@ def encode_image(params, images: jax.Array, config: SamConfig, dtype: Dtype = jn
       (or padded S x S images together with `valid_hw`, see `normalize_images`).
     config: model config (static).
     dtype: compute dtype, e.g. jnp.bfloat16 (params stay as they are).
+    valid_hw: see `normalize_images`.
+    attention_impl: "auto" (cuDNN flash attention on NVIDIA GPUs in bf16/fp16, else
+      explicit einsum attention), or force "einsum", "xla" or "cudnn".
 
   Returns:
     (B, S/16, S/16, C) embeddings in `dtype`.
   """
   x = normalize_images(images, config, valid_hw)
-  return _module(config, dtype).apply({"params": params}, x, method=Sam.embed_image)
+  return _module(config, dtype, attention_impl).apply({"params": params}, x,
+                                                      method=Sam.embed_image)
 
 
 def decode_masks(params, embeddings: jax.Array, points: Optional[jax.Array] = None,

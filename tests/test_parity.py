@@ -222,3 +222,14 @@ def test_image_encoder_vit_b_full_size(tmp_path, record):
   s = parity_stats(_nchw(ours), ref)
   record("image encoder, ViT-B 1024x1024, fp32", **s)
   assert s["max_rel"] < REL_TOL
+
+
+def test_fused_attention_formulation_matches(tiny_ckpt, tiny_params, record):
+  """The bias formulation used by the cuDNN fast path ("xla" runs it on any backend)."""
+  _, _, tmodel, cfg = tiny_ckpt
+  images = _rand_images(np.random.default_rng(8), 1, cfg.image_size)
+  ref = _torch_embed(tmodel, images)
+  ours = samjax.encode_image(tiny_params, jnp.asarray(images), cfg, attention_impl="xla")
+  s = parity_stats(_nchw(ours), ref)
+  record("image encoder, tiny, dot_product_attention+bias path fp32", **s)
+  assert s["max_rel"] < REL_TOL

@@ -63,14 +63,56 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: jax.Array) -> jax.Array:
   return rel_pos[rel.astype(jnp.int32)]
 
 
+_CUDNN_PROBES = {}
+
+
+def _cudnn_attention_works(n_tokens: int, heads: int, head_dim: int, dtype) -> bool:
+  """Whether cuDNN flash attention with a bias compiles and runs for these shapes.
+
+  Probed once per shape on a batch of one, outside any trace, so an unsupported
+  configuration falls back to the XLA path instead of failing at compile time.
+  """
+  key = (n_tokens, heads, head_dim, jnp.dtype(dtype).name)
+  if key not in _CUDNN_PROBES:
+    try:
+      with jax.ensure_compile_time_eval():
+        q = jnp.zeros((1, n_tokens, heads, head_dim), dtype)
+        bias = jnp.zeros((1, heads, n_tokens, n_tokens), dtype)
+        out = jax.jit(lambda q, b: jax.nn.dot_product_attention(
+            q, q, q, bias=b, implementation="cudnn"))(q, bias)
+        jax.block_until_ready(out)
+      _CUDNN_PROBES[key] = True
+    except Exception:  # unsupported shape/dtype/cuDNN version: use XLA
+      _CUDNN_PROBES[key] = False
+  return _CUDNN_PROBES[key]
+
+
+def resolve_attention_impl(impl: str, n_tokens: int, heads: int, head_dim: int, dtype) -> str:
+  """"auto" -> "cudnn" on NVIDIA GPUs in 16-bit compute when it works, else "einsum"."""
+  if impl != "auto":
+    return impl
+  if (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+      and _cudnn_attention_works(n_tokens, heads, head_dim, dtype)):
+    return "cudnn"
+  return "einsum"
+
+
 class Attention(nn.Module):
-  """Multi-head self-attention with decomposed relative position bias (MViTv2)."""
+  """Multi-head self-attention with decomposed relative position bias (MViTv2).
+
+  `attention_impl` picks the kernel; all compute the same function:
+    * "einsum": explicit logits in float32 (exact reference order; CPU/TPU default),
+    * "xla" / "cudnn": `jax.nn.dot_product_attention` with the relative-position
+      terms passed as an additive bias; "cudnn" is fused flash attention on NVIDIA
+      GPUs (never materialises the softmax in HBM). "auto" chooses per backend/dtype.
+  """
 
   num_heads: int
   input_size: Tuple[int, int]
   use_rel_pos: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -80,8 +122,7 @@ class Attention(nn.Module):
     qkv = dense(3 * c, "qkv", self.dtype, self.param_dtype)(x)
     qkv = qkv.reshape(b, h * w, 3, nh, hd)  # (B, N, 3, heads, hd)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    logits = jnp.einsum("bqnd,bknd->bnqk", q * (hd ** -0.5), k,
-                        preferred_element_type=jnp.float32)  # (B, heads, N, N)
+    bias_hw = None
     if self.use_rel_pos:
       rel_pos_h = self.param("rel_pos_h", nn.initializers.zeros,
                              (2 * self.input_size[0] - 1, hd), self.param_dtype)
@@ -89,14 +130,31 @@ class Attention(nn.Module):
                              (2 * self.input_size[1] - 1, hd), self.param_dtype)
       rh = get_rel_pos(h, h, rel_pos_h).astype(self.dtype)  # (qh, kh, hd)
       rw = get_rel_pos(w, w, rel_pos_w).astype(self.dtype)  # (qw, kw, hd)
+      # The reference adds q (unscaled) . R to the scaled logits.
       r_q = q.reshape(b, h, w, nh, hd)
       rel_h = jnp.einsum("byxnd,ykd->bnyxk", r_q, rh, preferred_element_type=jnp.float32)
       rel_w = jnp.einsum("byxnd,xkd->bnyxk", r_q, rw, preferred_element_type=jnp.float32)
-      logits = logits.reshape(b, nh, h, w, h, w)
-      logits = logits + rel_h[:, :, :, :, :, None] + rel_w[:, :, :, :, None, :]
-      logits = logits.reshape(b, nh, h * w, h * w)
-    attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bnqk,bknd->bqnd", attn, v).reshape(b, h, w, c)
+      bias_hw = (rel_h, rel_w)  # (B, heads, qh, qw, kh) and (B, heads, qh, qw, kw)
+    impl = resolve_attention_impl(self.attention_impl, h * w, nh, hd, self.dtype)
+    if impl == "einsum":
+      logits = jnp.einsum("bqnd,bknd->bnqk", q * (hd ** -0.5), k,
+                          preferred_element_type=jnp.float32)  # (B, heads, N, N)
+      if bias_hw is not None:
+        logits = logits.reshape(b, nh, h, w, h, w)
+        logits = logits + bias_hw[0][..., :, None] + bias_hw[1][..., None, :]
+        logits = logits.reshape(b, nh, h * w, h * w)
+      attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+      out = jnp.einsum("bnqk,bknd->bqnd", attn, v)
+    elif impl in ("xla", "cudnn"):
+      bias = None
+      if bias_hw is not None:
+        bias = (bias_hw[0][..., :, None] + bias_hw[1][..., None, :])
+        bias = bias.reshape(b, nh, h * w, h * w).astype(q.dtype)
+      out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=hd ** -0.5,
+                                         implementation=impl)
+    else:
+      raise ValueError(f"unknown attention_impl {impl!r}")
+    out = out.reshape(b, h, w, c)
     return dense(c, "proj", self.dtype, self.param_dtype)(out)
 
 
@@ -109,6 +167,7 @@ class Block(nn.Module):
   input_size: Tuple[int, int]
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -116,7 +175,8 @@ class Block(nn.Module):
     shortcut = x
     x = LayerNorm(1e-6, self.dtype, self.param_dtype, name="norm1")(x)
     attn_size = self.input_size if self.window_size == 0 else (self.window_size,) * 2
-    attn = Attention(self.num_heads, attn_size, True, self.dtype, self.param_dtype, name="attn")
+    attn = Attention(self.num_heads, attn_size, True, self.dtype, self.param_dtype,
+                     self.attention_impl, name="attn")
     if self.window_size > 0:
       h, w = x.shape[1], x.shape[2]
       x, pad_hw = window_partition(x, self.window_size)
@@ -163,6 +223,7 @@ class ImageEncoderViT(nn.Module):
   global_attn_indexes: Tuple[int, ...] = ()
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -178,7 +239,7 @@ class ImageEncoderViT(nn.Module):
     for i in range(self.depth):
       x = Block(self.num_heads, self.mlp_ratio,
                 0 if i in self.global_attn_indexes else self.window_size, (grid, grid),
-                self.dtype, self.param_dtype, name=f"blocks_{i}")(x)
+                self.dtype, self.param_dtype, self.attention_impl, name=f"blocks_{i}")(x)
       self.sow("intermediates", f"blocks_{i}", x)
     x = nn.Conv(self.out_chans, (1, 1), use_bias=False, dtype=self.dtype,
                 param_dtype=self.param_dtype, name="neck_0")(x)

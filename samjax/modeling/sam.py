@@ -31,6 +31,7 @@ class Sam(nn.Module):
   config: SamConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention_impl: str = "auto"  # image encoder attention kernel, see image_encoder.Attention
 
   def setup(self):
     cfg = self.config
@@ -39,7 +40,8 @@ class Sam(nn.Module):
         image_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.encoder_embed_dim,
         depth=cfg.encoder_depth, num_heads=cfg.encoder_num_heads, mlp_ratio=cfg.mlp_ratio,
         out_chans=cfg.prompt_embed_dim, window_size=cfg.window_size,
-        global_attn_indexes=tuple(cfg.encoder_global_attn_indexes), **kw)
+        global_attn_indexes=tuple(cfg.encoder_global_attn_indexes),
+        attention_impl=self.attention_impl, **kw)
     e = cfg.embedding_size
     self.prompt_encoder = PromptEncoder(
         embed_dim=cfg.prompt_embed_dim, image_embedding_size=(e, e),

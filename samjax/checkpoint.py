@@ -171,7 +171,9 @@ def _to_numpy(x) -> np.ndarray:
 # Reading PyTorch files safely, and recognising the model type.
 # ----------------------------------------------------------------------------------------
 def load_torch_state_dict(path: str | os.PathLike) -> Dict[str, np.ndarray]:
-  """Reads an official `.pth` with `weights_only=True`; never runs code from the file."""
+  """Reads an official `.pth` safely: `torch.load(weights_only=True)` when torch is
+  installed, else samjax's own allow-list reader (`samjax.torchfile`). Never runs code
+  from the file."""
   path = Path(path)
   if not path.exists():
     raise CheckpointError(f"checkpoint file not found: {path}")
@@ -180,22 +182,26 @@ def load_torch_state_dict(path: str | os.PathLike) -> Dict[str, np.ndarray]:
                           "(use samjax.load_params for converted Orbax checkpoints)")
   if path.stat().st_size == 0:
     raise CheckpointError(f"checkpoint file is empty: {path}")
-  try:
-    import torch
-  except ImportError as e:  # pragma: no cover - depends on the environment
-    raise CheckpointError("reading PyTorch .pth files needs torch: pip install 'samjax[torch]'"
-                          ) from e
   import pickle
   try:
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    import torch
+  except ImportError:
+    torch = None
+  try:
+    if torch is not None:
+      obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    else:  # samjax's own allow-list reader: same safety, no torch needed
+      from samjax import torchfile
+      obj = torchfile.load_state_dict(path)
   except pickle.UnpicklingError as e:
     raise CheckpointError(
         f"refusing to load {path}: it contains pickled objects other than tensors (a "
         f"checkpoint that could run code when loaded). Only plain state dicts are accepted. "
         f"Details: {str(e).splitlines()[0]}") from None
-  except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+  except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
     raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt or "
-                          f"truncated?): {str(e).splitlines()[0]}") from None
+                          f"truncated?): {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                          ) from None
   if isinstance(obj, dict):
     for wrapper in ("model", "state_dict"):
       if wrapper in obj and isinstance(obj[wrapper], dict):

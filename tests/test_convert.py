@@ -171,3 +171,37 @@ def test_corrupt_orbax_checkpoint(tiny_ckpt, tmp_path):
       f.write_bytes(b"\x00" * 10)
   with pytest.raises(ck.CheckpointError, match="cannot restore"):
     samjax.load_params(d)
+
+
+def test_torch_free_reader_matches_torch_and_refuses_code(tiny_ckpt, tmp_path, monkeypatch):
+  """Without torch installed, .pth files are read by samjax's allow-list unpickler."""
+  import sys
+  from samjax import torchfile
+  ref = {k: v.numpy() for k, v in torch.load(tiny_ckpt[0], weights_only=True).items()}
+  ours = torchfile.load_state_dict(tiny_ckpt[0])
+  assert set(ours) == set(ref)
+  for k in ref:
+    assert ours[k].dtype == ref[k].dtype
+    np.testing.assert_array_equal(ours[k], ref[k], err_msg=k)
+  # Non-contiguous / offset storages and other dtypes.
+  base = torch.arange(24, dtype=torch.float64).reshape(4, 6)
+  odd = {"t": base.t(), "slice": base[1:, 2:], "half": torch.ones(3, dtype=torch.float16),
+         "bf16": torch.full((2,), 1.5, dtype=torch.bfloat16), "i": torch.tensor([1, -2])}
+  p = tmp_path / "odd.pth"
+  torch.save(odd, p)
+  got = torchfile.load_state_dict(p)
+  for k, v in odd.items():
+    np.testing.assert_array_equal(got[k], v.float().numpy() if k == "bf16" else v.numpy())
+  # The whole converter path with torch made unimportable.
+  monkeypatch.setitem(sys.modules, "torch", None)
+  sd = ck.load_torch_state_dict(tiny_ckpt[0])
+  np.testing.assert_array_equal(sd["mask_decoder.iou_token.weight"],
+                                ref["mask_decoder.iou_token.weight"])
+  marker = tmp_path / "pwned"
+  monkeypatch.delitem(sys.modules, "torch")
+  bad = tmp_path / "evil.pth"
+  torch.save({"x": _Evil(marker)}, bad)
+  monkeypatch.setitem(sys.modules, "torch", None)
+  with pytest.raises(ck.CheckpointError, match="refusing to load"):
+    ck.load_torch_state_dict(bad)
+  assert not marker.exists()

@@ -403,7 +403,9 @@ def load_any(path: str | os.PathLike, model_type=None, dtype=jnp.float32
 def save_torch_state_dict(params, config: SamConfig, out_path: str | os.PathLike) -> Path:
   """Exports params as an official-format `.pth` (loads with `sam_model_registry`)."""
   import torch
-  sd = {k: torch.from_numpy(v) for k, v in state_dict_from_params(params, config).items()}
+  # np.array(...) copies: torch warns on (and must not alias) read-only jax buffers.
+  sd = {k: torch.from_numpy(np.array(v)) for k, v in
+        state_dict_from_params(params, config).items()}
   out = Path(out_path)
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = out.with_name(out.name + ".tmp")

@@ -19,6 +19,13 @@ mask terms compare the decoder's low-res 4h x 4w logits with the GT area-downsam
 to that grid and binarised at 0.5 (`loss_resolution="low_res"`, the default), or the
 logits upsampled bilinearly to the S x S model input frame with the GT in that frame
 (`"input"`, 16x the pixels). Losses are averaged over valid instances and iterations.
+The mask fed back is the chosen (lowest-loss) prediction, without gradient; unlike
+the paper there are no extra iterations fed only the previous mask, and
+`prompt_iters` is small (default 3 instead of 11) to keep steps cheap.
+
+Validation (`evaluate`): one positive point at each GT mask's interior-most pixel
+(most confident multimask output) and the tight GT box (single output); the best
+checkpoint is the one with the highest mean of the two mIoUs.
 
 Everything random is a pure function of (seed, step): the image order is one
 permutation per epoch drawn from `(seed, epoch)`, instance choice and flips from
@@ -48,6 +55,7 @@ import functools
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import sys
@@ -74,6 +82,9 @@ TRAINABLE_PARTS = {
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LOSS_RESOLUTIONS = ("low_res", "input")
 PAD_LABEL = -2  # absent point slot, masked exactly by the prompt encoder
+# Beyond this a frozen encoder's embeddings must go to an on-disk cache (ViT-B/L/H
+# embeddings are 4 MiB per image).
+MAX_IN_MEMORY_EMBEDDINGS_GIB = 16.0
 
 CHECKPOINT_DIR = "checkpoints"
 BEST_DIR = "best"
@@ -469,15 +480,20 @@ def _train_batch(dataset, order: _DataOrder, step: int, tc: TrainConfig, config:
 # ----------------------------------------------------------------------------------------
 # Parameters and optimizer.
 # ----------------------------------------------------------------------------------------
-def init_params(config: SamConfig, seed: int = 0):
-  """Random Flax initialisation of a SAM model (numpy float32 tree)."""
+@functools.lru_cache(maxsize=8)
+def _init_fn(config: SamConfig):
+  # Compiling init costs as much as a forward pass: compile once per config.
   from samjax.modeling import Sam
   model = Sam(config)
   s, e = config.image_size, config.low_res_mask_size
-  init = jax.jit(lambda key: model.init(
+  return jax.jit(lambda key: model.init(
       key, jnp.zeros((1, s, s, 3)), jnp.zeros((1, 1, 2)), jnp.ones((1, 1), jnp.int32),
       jnp.zeros((1, 4)), jnp.zeros((1, e, e)))["params"])
-  return jax.tree_util.tree_map(np.asarray, init(jax.random.PRNGKey(seed)))
+
+
+def init_params(config: SamConfig, seed: int = 0):
+  """Random Flax initialisation of a SAM model (numpy float32 tree)."""
+  return jax.tree_util.tree_map(np.asarray, _init_fn(config)(jax.random.PRNGKey(seed)))
 
 
 def trainable_labels(params, train: str):
@@ -515,10 +531,17 @@ def _sample_from_mask(key, mask: jax.Array) -> Tuple[jax.Array, jax.Array, jax.A
   """Uniform pixel of each (S, S) mask -> xy (n, 2) float32, flat index, any (n,)."""
   n, s = mask.shape[0], mask.shape[-1]
   flat = mask.reshape(n, -1)
-  # Gumbel-max over the mask's pixels; an empty mask yields index 0 and ok=False.
-  idx = jax.random.categorical(key, jnp.where(flat, 0.0, -jnp.inf), axis=-1)
+  # Inverse-CDF sampling: one uniform per mask instead of one per pixel (Gumbel-max
+  # over S*S pixels costs more than the decoder on a CPU). The r-th set pixel, with r
+  # uniform in [0, count), is the number of prefix counts <= r.
+  counts = jnp.cumsum(flat.astype(jnp.int32), axis=-1)
+  total = counts[:, -1]
+  r = jnp.floor(jax.random.uniform(key, (n,)) * total).astype(jnp.int32)
+  r = jnp.minimum(r, jnp.maximum(total - 1, 0))
+  idx = jnp.sum(counts <= r[:, None], axis=-1)
+  idx = jnp.where(total > 0, idx, 0)  # an empty mask yields pixel 0 and ok=False
   xy = jnp.stack([idx % s, idx // s], axis=-1).astype(jnp.float32)
-  return xy, idx, flat.any(axis=-1)
+  return xy, idx, total > 0
 
 
 def _jitter_boxes(key, boxes: jax.Array, valid_hw: jax.Array, tc: TrainConfig) -> jax.Array:
@@ -550,6 +573,11 @@ def _group_losses(params, emb, gt, valid_hw, boxes, key, *, use_box: bool,
     gt: (n, S, S) bool GT masks in the input frame.
     valid_hw: (n, 2); boxes: (n, 4) tight GT boxes.
     use_box: the first prompt is a noisy box (else a point in the mask).
+
+  Returns:
+    dict of (n,) arrays: loss, focal, dice, iou_mse (means over the prompt
+    iterations) and iou_first, iou_last (actual IoU of the chosen mask of the first
+    and the last iteration).
   """
   n, s = gt.shape[0], config.image_size
   dtype = tc.compute_dtype
@@ -563,9 +591,8 @@ def _group_losses(params, emb, gt, valid_hw, boxes, key, *, use_box: bool,
   def losses(logits, iou_pred):
     if tc.loss_resolution == "input":
       logits = resize_bilinear(logits, (s, s))
-    out = sam_loss(logits, iou_pred, target.astype(jnp.float32), tc.focal_weight,
-                   tc.dice_weight, tc.iou_weight, tc.focal_alpha, tc.focal_gamma)
-    return out
+    return sam_loss(logits, iou_pred, target.astype(jnp.float32), tc.focal_weight,
+                    tc.dice_weight, tc.iou_weight, tc.focal_alpha, tc.focal_gamma)
 
   def chosen_low_res(logits, best):
     return jax.lax.stop_gradient(jnp.take_along_axis(logits, best[:, None, None, None],
@@ -623,7 +650,18 @@ def _group_losses(params, emb, gt, valid_hw, boxes, key, *, use_box: bool,
 
 
 def _loss_fn(params, batch, key, config: SamConfig, tc: TrainConfig):
-  """Mean loss over valid instances, and metrics."""
+  """Mean loss over valid instance slots, and metrics.
+
+  Args:
+    params: full SAM params (frozen parts are wrapped in stop_gradient here).
+    batch: `_train_batch` arrays: valid_hw (B, 2), gt (B, K, S, S) uint8, boxes
+      (B, K, 4), inst_valid (B, K), and images (B, S, S, 3) uint8 or embeddings
+      (B, h, w, C).
+    key: PRNG key of this step.
+
+  Returns:
+    (loss scalar, metrics dict of scalars).
+  """
   parts = TRAINABLE_PARTS[tc.train]
   # Frozen parts are constants: no backward pass through them at all.
   params = {k: (v if k in parts else jax.lax.stop_gradient(v)) for k, v in params.items()}
@@ -632,8 +670,7 @@ def _loss_fn(params, batch, key, config: SamConfig, tc: TrainConfig):
     emb = encode_image(params, batch["images"], config, tc.compute_dtype, valid_hw)
   else:
     emb = batch["embeddings"].astype(tc.compute_dtype)
-  b, k = batch["inst_valid"].shape
-  s = config.image_size
+  k = batch["inst_valid"].shape[1]
   gt = batch["gt"].astype(bool)
   nb = tc.num_box_slots
   rep = lambda x: jnp.repeat(x[:, None], k, axis=1)  # per image -> per instance slot
@@ -656,13 +693,21 @@ def _loss_fn(params, batch, key, config: SamConfig, tc: TrainConfig):
   metrics = {name: jnp.sum(jnp.concatenate([st[name] for st in stats]) * w) / denom
              for name in stats[0]}
   metrics["instances"] = w.sum()
-  del s
   return metrics["loss"], metrics
 
 
-@functools.lru_cache(maxsize=16)
 def _train_step_fn(config: SamConfig, tc: TrainConfig, mesh):
   """jit(state, batch) -> (state, metrics); state = {params, opt_state, step}."""
+  # Eval/save/log settings do not enter the step: runs differing only in them (e.g. a
+  # resumed run started from the CLI) share one compilation.
+  default = TrainConfig()
+  return _compiled_train_step(config, dataclasses.replace(
+      tc, **{k: getattr(default, k) for k in tc.to_dict() if k not in tc.trajectory_dict()}),
+      mesh)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_train_step(config: SamConfig, tc: TrainConfig, mesh):
   import optax
   tx = make_optimizer(tc)
   base_key = jax.random.PRNGKey(tc.seed)
@@ -865,8 +910,18 @@ def _best_metric(metrics) -> float:
   return float(metrics["miou"])
 
 
+class _NoMetricsWarningFilter(logging.Filter):
+  """Drops orbax's warning for checkpoints saved between validations (no metrics)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "did not provide metrics" not in record.getMessage()
+
+
 def _checkpoint_manager(directory: Path, keep_last: int):
   import orbax.checkpoint as ocp
+  absl_logger = logging.getLogger("absl")
+  if not any(isinstance(f, _NoMetricsWarningFilter) for f in absl_logger.filters):
+    absl_logger.addFilter(_NoMetricsWarningFilter())
   from orbax.checkpoint import checkpoint_managers as cm
   policy = cm.AnyPreservationPolicy([
       cm.LatestN(n=keep_last),
@@ -906,19 +961,21 @@ def plot_curves(log: Mapping[str, Any], path: str | os.PathLike) -> None:
     ax1.set_yscale("log")
   ax1.set_xlabel("step")
   ax1.set_title("training loss")
-  ax1.legend(fontsize=8)
+  if train:
+    ax1.legend(fontsize=8)
   ev = log.get("eval", [])
   if ev:
     steps = [r["step"] for r in ev]
-    ax2.plot(steps, [r["point_miou"] for r in ev], "o-", label="1 point (most confident)")
-    ax2.plot(steps, [r["box_miou"] for r in ev], "s-", label="box")
+    ax2.plot(steps, [r["point_miou"] for r in ev], "o-", label="val: 1 point (most confident)")
+    ax2.plot(steps, [r["box_miou"] for r in ev], "s-", label="val: box")
   if train:
     ax2.plot([r["step"] for r in train], [r["iou_last"] for r in train], lw=0.6, alpha=0.6,
              label="train IoU, last prompt iter")
   ax2.set_ylim(0, 1)
   ax2.set_xlabel("step")
   ax2.set_title("mIoU")
-  ax2.legend(fontsize=8)
+  if ev or train:
+    ax2.legend(fontsize=8)
   fig.tight_layout()
   tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
   fig.savefig(tmp, dpi=90)
@@ -982,7 +1039,8 @@ class _Prefetcher:
 def finetune(tc: TrainConfig, config: SamConfig, params, train_data, out_dir: str | os.PathLike,
              *, val_data=None, resume: bool = True, max_steps_this_run: Optional[int] = None,
              mesh=None, embedding_cache_dir: Optional[str | os.PathLike] = None,
-             progress: bool = True, init_source: str = "", log_fn: Callable[[str], None] = print
+             progress: bool = True, init_source: str = "", log_fn: Callable[[str], None] = print,
+             callback: Optional[Callable[[int, Dict[str, float]], None]] = None
              ) -> FinetuneResult:
   """Fine-tunes (or trains) SAM; resumable and exactly reproducible.
 
@@ -1004,6 +1062,9 @@ def finetune(tc: TrainConfig, config: SamConfig, params, train_data, out_dir: st
     progress: tqdm progress bars.
     init_source: description of the initial params, recorded in run.json.
     log_fn: where status lines go.
+    callback: called as callback(step, metrics) after every completed step (after
+      its checkpoint, if any); metrics are host floats. An exception raised there
+      aborts the run like a kill would: resuming replays from the last checkpoint.
 
   Returns:
     FinetuneResult.
@@ -1018,151 +1079,155 @@ def finetune(tc: TrainConfig, config: SamConfig, params, train_data, out_dir: st
   data_fp = _dataset_fingerprint(train_data)
 
   mngr = _checkpoint_manager(out / CHECKPOINT_DIR, tc.keep_last)
-  state = init_train_state(params, tc, mesh)
-  start = 0
-  log: Dict[str, Any] = {"train_config": tc.to_dict(), "model_config": config.to_dict(),
-                         "train": [], "eval": [], "runs": []}
-  latest = mngr.latest_step()
-  if latest is not None:
-    if not resume:
-      raise FileExistsError(f"{out} already has checkpoints (latest step {latest}); resume "
-                            "it or choose another output folder")
-    state, meta = _restore(mngr, latest, state)
-    _check_resume(meta, tc, config, len(train_data), data_fp)
-    start = int(meta["step"])
-    if (out / LOG_FILE).exists():
-      log = json.loads((out / LOG_FILE).read_text())
-      # Records written after the checkpoint will be produced again, identically.
-      log["train"] = [r for r in log["train"] if r["step"] <= start]
-      log["eval"] = [r for r in log["eval"] if r["step"] <= start]
-    log_fn(f"resuming {out} at step {start} of {tc.total_steps}")
-  _atomic_write_text(out / RUN_FILE, json.dumps({
-      "train_config": tc.to_dict(), "model_config": config.to_dict(), "init": init_source,
-      "train_data": {"images": len(train_data), "fingerprint": data_fp},
-      "val_data": None if val_data is None else {"images": len(val_data),
-                                                 "fingerprint": _dataset_fingerprint(val_data)},
-      "devices": n_dev}, indent=2) + "\n")
-
-  # Frozen encoder: embeddings once per image, computed with the (fixed) encoder.
-  train_emb = val_emb = None
-  eval_set = build_eval_set(val_data, config, tc.val_max_images) if val_data is not None \
-      else None
-  if tc.encoder_frozen:
-    train_emb = _cached_embeddings(state["params"], train_data, config, tc, mesh,
-                                   embedding_cache_dir, progress, "train", log_fn)
-    if eval_set is not None:
-      val_emb = compute_embeddings(state["params"], eval_set.images, config, tc.dtype, mesh,
-                                   tc.eval_batch_size)
-
-  steps_per_epoch = math.ceil(len(train_data) / tc.batch_size)
-  eval_every = tc.eval_every or steps_per_epoch
-
-  def run_eval(step: int) -> Optional[Dict[str, float]]:
-    if eval_set is None:
-      return None
-    t0 = time.time()
-    r = evaluate(state["params"], config, eval_set, tc.dtype, val_emb, mesh,
-                 batch_size=tc.eval_batch_size)
-    rec = {"step": step, **r, "eval_s": round(time.time() - t0, 2)}
-    log["eval"].append(rec)
-    log_fn(f"step {step}: val point mIoU {r['point_miou']:.4f}, box mIoU "
-           f"{r['box_miou']:.4f} ({r['instances']} instances)")
-    return r
-
-  def save(step: int, metrics: Optional[Dict[str, float]]) -> None:
-    meta = {"step": step, "samples_seen": step * tc.batch_size,
-            "epoch": step * tc.batch_size // len(train_data),
-            "epoch_position": step * tc.batch_size % len(train_data),
-            "num_train_images": len(train_data), "data_fingerprint": data_fp,
-            "rng": {"seed": tc.seed, "scheme": "prompts: fold_in(PRNGKey(seed), step); data: "
-                    "numpy default_rng([seed, 1, epoch]) / ([seed, 2, sample])"},
-            "train_config": tc.trajectory_dict(), "model_config": config.to_dict(),
-            "metrics": metrics}
-    import orbax.checkpoint as ocp
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                            meta=ocp.args.JsonSave(meta)),
-              metrics=None if metrics is None else {k: float(v) for k, v in metrics.items()},
-              force=True)
-    mngr.wait_until_finished()
-
-  def write_log():
-    _atomic_write_text(out / LOG_FILE, json.dumps(log, indent=1) + "\n")
-    try:
-      plot_curves(log, out / PLOT_FILE)
-    except Exception as e:  # a plotting problem must never kill a training run
-      log_fn(f"warning: could not plot curves: {e}")
-
-  if start == 0:
-    save(0, run_eval(0))
-    write_log()
-
-  step_fn = _train_step_fn(config, tc, mesh)
-  schedule = learning_rate_schedule(tc)
-  last = tc.total_steps if max_steps_this_run is None else min(
-      tc.total_steps, start + max_steps_this_run)
-  log["runs"].append({"start_step": start, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
-  prefetch = _Prefetcher(lambda s: _train_batch(train_data, order, s, tc, config, train_emb))
-  bar = _progress(total=tc.total_steps, initial=start, desc="finetune", unit="step",
-                  enabled=progress)
-  t_run = time.time()
-  t_win, win_steps, pending = time.time(), 0, []
-  step = start
   try:
-    while step < last:
-      batch = mesh_lib.shard_batch(prefetch.get(step, last), mesh)
-      state, metrics = step_fn(state, batch)
-      step += 1
-      win_steps += 1
-      pending.append((step, metrics))
-      at_eval = step % eval_every == 0 or step == tc.total_steps
-      at_save = at_eval or step % tc.save_every == 0 or step == last
-      if step % tc.log_every == 0 or at_save:
-        host = _host([m for _, m in pending])
-        dt = max(time.time() - t_win, 1e-9)
-        for (s, _), m in zip(pending, host):
-          if s % tc.log_every == 0 or s == step:
-            rec = {"step": s, **{k: float(v) for k, v in m.items()},
-                   "lr": float(schedule(s - 1)), "steps_per_s": win_steps / dt,
-                   "images_per_s": win_steps * tc.batch_size / dt,
-                   "wall_s": round(time.time() - t_run, 2)}
-            log["train"].append(rec)
-        bar.set_postfix(loss=f"{rec['loss']:.4f}", iou=f"{rec['iou_last']:.3f}",
-                        img_s=f"{rec['images_per_s']:.1f}")
-        t_win, win_steps, pending = time.time(), 0, []
-      bar.update(1)
-      if at_save:
-        r = run_eval(step) if at_eval else None
-        save(step, r)
-        write_log()
-        t_win = time.time()  # exclude eval/save time from the throughput
-  finally:
-    bar.close()
-    prefetch.close()
-  log["runs"][-1].update({"end_step": step, "wall_s": round(time.time() - t_run, 2)})
-  write_log()
+    state = init_train_state(params, tc, mesh)
+    start = 0
+    log: Dict[str, Any] = {"train_config": tc.to_dict(), "model_config": config.to_dict(),
+                           "train": [], "eval": [], "runs": []}
+    latest = mngr.latest_step()
+    if latest is not None:
+      if not resume:
+        raise FileExistsError(f"{out} already has checkpoints (latest step {latest}); resume "
+                              "it or choose another output folder")
+      state, meta = _restore(mngr, latest, state)
+      _check_resume(meta, tc, config, len(train_data), data_fp)
+      start = int(meta["step"])
+      if (out / LOG_FILE).exists():
+        log = json.loads((out / LOG_FILE).read_text())
+        # Records written after the checkpoint will be produced again, identically.
+        log["train"] = [r for r in log["train"] if r["step"] <= start]
+        log["eval"] = [r for r in log["eval"] if r["step"] <= start]
+      log_fn(f"resuming {out} at step {start} of {tc.total_steps}")
+    _atomic_write_text(out / RUN_FILE, json.dumps({
+        "train_config": tc.to_dict(), "model_config": config.to_dict(), "init": init_source,
+        "train_data": {"images": len(train_data), "fingerprint": data_fp},
+        "val_data": None if val_data is None else {"images": len(val_data),
+                                                   "fingerprint": _dataset_fingerprint(val_data)},
+        "devices": n_dev}, indent=2) + "\n")
 
-  best_step, best_metrics, best_dir = None, None, None
-  finished = step >= tc.total_steps
-  if eval_set is not None:
-    best_step = mngr.best_step()
-    best_metrics = mngr.metrics(best_step) if best_step is not None else None
-  if finished:
-    if best_step is not None and best_step != step:
-      best_params = _restore(mngr, best_step, state)[0]["params"]
-    else:
-      best_step = best_step if best_step is not None else step
-      best_params = state["params"]
-    from samjax.checkpoint import save_params
-    best_dir = save_params(_host(best_params), config, out / BEST_DIR, overwrite=True,
-                           metadata={"trained_by": "samjax.train", "step": int(best_step),
-                                     "val_metrics": best_metrics, "init": init_source,
-                                     "train_config": tc.to_dict()})
-    log["best"] = {"step": int(best_step), "metrics": best_metrics, "dir": str(best_dir)}
+    # Frozen encoder: embeddings once per image, computed with the (fixed) encoder.
+    train_emb = val_emb = None
+    eval_set = build_eval_set(val_data, config, tc.val_max_images) if val_data is not None \
+        else None
+    if tc.encoder_frozen:
+      train_emb = _cached_embeddings(state["params"], train_data, config, tc, mesh,
+                                     embedding_cache_dir, progress, "train", log_fn)
+      if eval_set is not None:
+        val_emb = compute_embeddings(state["params"], eval_set.images, config, tc.dtype, mesh,
+                                     tc.eval_batch_size)
+
+    steps_per_epoch = math.ceil(len(train_data) / tc.batch_size)
+    eval_every = tc.eval_every or steps_per_epoch
+
+    def run_eval(step: int) -> Optional[Dict[str, float]]:
+      if eval_set is None:
+        return None
+      t0 = time.time()
+      r = evaluate(state["params"], config, eval_set, tc.dtype, val_emb, mesh,
+                   batch_size=tc.eval_batch_size)
+      rec = {"step": step, **r, "eval_s": round(time.time() - t0, 2)}
+      log["eval"].append(rec)
+      log_fn(f"step {step}: val point mIoU {r['point_miou']:.4f}, box mIoU "
+             f"{r['box_miou']:.4f} ({r['instances']} instances)")
+      return r
+
+    def save(step: int, metrics: Optional[Dict[str, float]]) -> None:
+      meta = {"step": step, "samples_seen": step * tc.batch_size,
+              "epoch": step * tc.batch_size // len(train_data),
+              "epoch_position": step * tc.batch_size % len(train_data),
+              "num_train_images": len(train_data), "data_fingerprint": data_fp,
+              "rng": {"seed": tc.seed, "scheme": "prompts: fold_in(PRNGKey(seed), step); data: "
+                      "numpy default_rng([seed, 1, epoch]) / ([seed, 2, sample])"},
+              "train_config": tc.trajectory_dict(), "model_config": config.to_dict(),
+              "metrics": metrics}
+      import orbax.checkpoint as ocp
+      mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                              meta=ocp.args.JsonSave(meta)),
+                metrics=None if metrics is None else {k: float(v) for k, v in metrics.items()},
+                force=True)
+      mngr.wait_until_finished()
+
+    def write_log():
+      _atomic_write_text(out / LOG_FILE, json.dumps(log, indent=1) + "\n")
+      try:
+        plot_curves(log, out / PLOT_FILE)
+      except Exception as e:  # a plotting problem must never kill a training run
+        log_fn(f"warning: could not plot curves: {e}")
+
+    if start == 0:
+      save(0, run_eval(0))
+      write_log()
+
+    step_fn = _train_step_fn(config, tc, mesh)
+    schedule = learning_rate_schedule(tc)
+    last = tc.total_steps if max_steps_this_run is None else min(
+        tc.total_steps, start + max_steps_this_run)
+    log["runs"].append({"start_step": start, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+    prefetch = _Prefetcher(lambda s: _train_batch(train_data, order, s, tc, config, train_emb))
+    bar = _progress(total=tc.total_steps, initial=start, desc="finetune", unit="step",
+                    enabled=progress)
+    t_run = time.time()
+    t_win, win_steps, pending = time.time(), 0, []
+    step = start
+    try:
+      while step < last:
+        batch = mesh_lib.shard_batch(prefetch.get(step, last), mesh)
+        state, metrics = step_fn(state, batch)
+        step += 1
+        win_steps += 1
+        pending.append((step, metrics))
+        at_eval = eval_set is not None and (step % eval_every == 0 or step == tc.total_steps)
+        at_save = at_eval or step % tc.save_every == 0 or step == last or step == tc.total_steps
+        if step % tc.log_every == 0 or at_save:
+          host = _host([m for _, m in pending])
+          dt = max(time.time() - t_win, 1e-9)
+          for (s, _), m in zip(pending, host):
+            if s % tc.log_every == 0 or s == step:
+              rec = {"step": s, **{k: float(v) for k, v in m.items()},
+                     "lr": float(schedule(s - 1)), "steps_per_s": win_steps / dt,
+                     "images_per_s": win_steps * tc.batch_size / dt,
+                     "wall_s": round(time.time() - t_run, 2)}
+              log["train"].append(rec)
+          bar.set_postfix(loss=f"{rec['loss']:.4f}", iou=f"{rec['iou_last']:.3f}",
+                          img_s=f"{rec['images_per_s']:.1f}")
+          t_win, win_steps, pending = time.time(), 0, []
+        bar.update(1)
+        if at_save:
+          r = run_eval(step) if at_eval else None
+          save(step, r)
+          write_log()
+          t_win = time.time()  # exclude eval/save time from the throughput
+        if callback is not None:
+          callback(step, {k: float(v) for k, v in _host(metrics).items()})
+    finally:
+      bar.close()
+      prefetch.close()
+    log["runs"][-1].update({"end_step": step, "wall_s": round(time.time() - t_run, 2)})
     write_log()
-    log_fn(f"done: best step {best_step} {best_metrics or ''} -> {best_dir}")
-  mngr.close()
-  return FinetuneResult(step, finished, _host(state["params"]), best_step, best_metrics,
-                        best_dir, log)
+
+    best_step, best_metrics, best_dir = None, None, None
+    finished = step >= tc.total_steps
+    if eval_set is not None:
+      best_step = mngr.best_step()
+      best_metrics = mngr.metrics(best_step) if best_step is not None else None
+    if finished:
+      if best_step is not None and best_step != step:
+        best_params = _restore(mngr, best_step, state)[0]["params"]
+      else:
+        best_step = best_step if best_step is not None else step
+        best_params = state["params"]
+      from samjax.checkpoint import save_params
+      best_dir = save_params(_host(best_params), config, out / BEST_DIR, overwrite=True,
+                             metadata={"trained_by": "samjax.train", "step": int(best_step),
+                                       "val_metrics": best_metrics, "init": init_source,
+                                       "train_config": tc.to_dict()})
+      log["best"] = {"step": int(best_step), "metrics": best_metrics, "dir": str(best_dir)}
+      write_log()
+      log_fn(f"done: best step {best_step} {best_metrics or ''} -> {best_dir}")
+    return FinetuneResult(step, finished, _host(state["params"]), best_step, best_metrics,
+                          best_dir, log)
+  finally:
+    mngr.close()
 
 
 def _restore(mngr, step: int, like_state):
@@ -1193,7 +1258,13 @@ def _cached_embeddings(params, dataset, config: SamConfig, tc: TrainConfig, mesh
                        cache_dir, progress: bool, name: str, log_fn) -> np.ndarray:
   """Embeddings of every training image: in memory, or a reusable .npy memmap."""
   images = _LazyImages(dataset)
+  e, c = config.embedding_size, config.prompt_embed_dim
   if cache_dir is None:
+    gib = len(dataset) * e * e * c * 4 / 2**30
+    if gib > MAX_IN_MEMORY_EMBEDDINGS_GIB:
+      raise ValueError(f"the embeddings of {len(dataset)} images need {gib:.1f} GiB; pass "
+                       "an embedding cache folder (--embedding-cache DIR) to keep them on "
+                       "disk")
     return compute_embeddings(params, images, config, tc.dtype, mesh, tc.eval_batch_size,
                               progress=progress)
   cache_dir = Path(cache_dir)
@@ -1203,7 +1274,6 @@ def _cached_embeddings(params, dataset, config: SamConfig, tc: TrainConfig, mesh
     h.update(np.asarray(leaf).tobytes())
   key = f"{name}-{_dataset_fingerprint(dataset)}-{h.hexdigest()[:12]}-{tc.dtype}"
   path, done = cache_dir / f"{key}.npy", cache_dir / f"{key}.done"
-  e, c = config.embedding_size, config.prompt_embed_dim
   if path.exists() and done.exists():
     log_fn(f"using cached embeddings {path}")
     return np.load(path, mmap_mode="r")
@@ -1369,7 +1439,8 @@ def run_export_torch(args: argparse.Namespace) -> int:
   except CheckpointError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  save_torch_state_dict(jax.tree_util.tree_map(np.asarray, params), config, out)
+  # Writable copies: torch.from_numpy warns on the read-only views of jax arrays.
+  save_torch_state_dict(jax.tree_util.tree_map(np.array, params), config, out)
   if args.verify:
     import torch
     from samjax.reference import build_official

@@ -18,3 +18,4 @@ def build_sam(config, dtype=None):
 from samjax.model import SamModel  # noqa: E402
 from samjax.predictor import Predictor, SAMPredictor, SamPredictor  # noqa: E402
 from samjax.transforms import ResizeLongestSide  # noqa: E402
+from samjax.automatic import AutomaticMaskGenerator, SamAutomaticMaskGenerator, SAMAutomaticMaskGenerator  # noqa: E402

@@ -622,7 +622,8 @@ class AutomaticMaskGenerator:
     self.transform = ResizeLongestSide(self.config.image_size)
 
     if devices is None and device is not None:
-      devices = [_resolve_device(device)]
+      resolved = _resolve_device(device)
+      devices = None if resolved is None else [resolved]
     self.mesh = data_mesh(list(devices) if devices is not None else None)
     self.num_devices = int(self.mesh.devices.size)
     self._params = None  # replicated lazily, once
@@ -928,7 +929,10 @@ def _coco_rle(mask: np.ndarray) -> Dict[str, Any]:
 
 
 def _resolve_device(device):
-  """A jax.Device from a device or a platform string ("cpu", "gpu", "cuda:1", "tpu")."""
+  """A jax.Device from a device or a platform string ("cpu", "gpu", "cuda:1", "tpu").
+
+  Returns None (= all default devices, with a warning) for a platform JAX lacks here.
+  """
   if isinstance(device, jax.Device):
     return device
   if isinstance(device, str):
@@ -936,8 +940,13 @@ def _resolve_device(device):
     platform = {"cuda": "gpu", "rocm": "gpu"}.get(name, name)
     try:
       devs = jax.local_devices(backend=platform)
-    except RuntimeError as e:
-      raise ValueError(f"no JAX devices for {device!r}: {e}") from e
+    except RuntimeError:
+      # Code written for the official package says device="cuda"; on a machine without
+      # that backend we run where JAX runs rather than refuse (and say so).
+      import warnings
+      warnings.warn(f"device {device!r} is not available to JAX; using the default "
+                    f"devices ({jax.default_backend()}) instead", stacklevel=3)
+      return None
     i = int(index) if index else 0
     if i >= len(devs):
       raise ValueError(f"device {device!r} does not exist ({len(devs)} {platform} devices)")

@@ -223,7 +223,7 @@ def test_from_pretrained_downloads_verifies_caches(tiny_ckpt, http_server, monke
   assert not (tmp_path / "cache" / "sam_vit_b_01ec64.pth").exists()  # converted, .pth dropped
   # Second call is offline: the server is gone from the registry's point of view.
   monkeypatch.setitem(pretrained.MODELS, "vit_b", pretrained.Pretrained(
-      "tiny", "http://127.0.0.1:9/nothing.pth", sha256_file(pth)))
+      "tiny", "http://127.0.0.1:9/sam_vit_b_01ec64.pth", sha256_file(pth)))
   samjax.Predictor.from_pretrained("vit_b")
 
 

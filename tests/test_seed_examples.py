@@ -105,7 +105,15 @@ def test_seed_example(example, seed_env, monkeypatch, tmp_path):
   monkeypatch.setattr(seed_shim, "OFFICIAL_MODEL", official_model)
 
   ours = _run(example, root, replace_imports=False)
-  ref = _run(example, root, replace_imports=True)
+  try:
+    ref = _run(example, root, replace_imports=True)
+  except IndexError as e:
+    # segment_anything 1.0 bug: with crop_n_layers > 0 and no mask surviving anywhere,
+    # `box_area` of an empty (0,) crop-box tensor raises in the cross-crop NMS. The
+    # right answer is "no masks", which is what samjax returns.
+    assert "automatic" in example.stem and "out of bounds" in str(e)
+    assert ours["masks"] == []
+    return
   # The default weights were downloaded once and cached as Orbax.
   assert (root / "cache" / "sam_vit_h_4b8939" / "samjax.json").exists()
 

@@ -353,10 +353,18 @@ def batched_mask_to_box(masks: jax.Array) -> jax.Array:
     return jnp.zeros(masks.shape[:-2] + (4,), jnp.int32)
   in_h = jnp.any(masks, axis=-1)  # (..., H): rows that contain foreground
   in_w = jnp.any(masks, axis=-2)  # (..., W): columns that contain foreground
+  return boxes_from_row_col_flags(in_h, in_w)
+
+
+def boxes_from_row_col_flags(in_h: jax.Array, in_w: jax.Array) -> jax.Array:
+  """XYXY int32 boxes from per-row (..., H) and per-column (..., W) foreground flags.
+
+  Rows without foreground count as 0 for the max and as H (past the end) for the
+  min, so an empty mask ends up with bottom < top and is zeroed, as the reference.
+  """
+  h, w = in_h.shape[-1], in_w.shape[-1]
   ys = jnp.arange(h, dtype=jnp.int32)
   xs = jnp.arange(w, dtype=jnp.int32)
-  # Rows without foreground count as 0 for the max and as H (past the end) for the
-  # min, so an empty mask ends up with bottom < top and is zeroed below.
   bottom = jnp.max(jnp.where(in_h, ys, 0), axis=-1)
   top = jnp.min(jnp.where(in_h, ys, h), axis=-1)
   right = jnp.max(jnp.where(in_w, xs, 0), axis=-1)

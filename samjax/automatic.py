@@ -244,15 +244,7 @@ def _upsample_blocks(low_res: jax.Array, rows, cols) -> List[jax.Array]:
 
 def _box_from_any(in_h: jax.Array, in_w: jax.Array) -> jax.Array:
   """`batched_mask_to_box` from per-row (m, H) and per-column (m, W) foreground flags."""
-  h, w = in_h.shape[-1], in_w.shape[-1]
-  ys = jnp.arange(h, dtype=jnp.int32)
-  xs = jnp.arange(w, dtype=jnp.int32)
-  bottom = jnp.max(jnp.where(in_h, ys, 0), axis=-1)
-  top = jnp.min(jnp.where(in_h, ys, h), axis=-1)
-  right = jnp.max(jnp.where(in_w, xs, 0), axis=-1)
-  left = jnp.min(jnp.where(in_w, xs, w), axis=-1)
-  empty = (right < left) | (bottom < top)
-  return jnp.where(empty[..., None], 0, jnp.stack([left, top, right, bottom], axis=-1))
+  return amg_utils.boxes_from_row_col_flags(in_h, in_w)
 
 
 def _crop_stats(params, emb, points, point_valid, rows, cols, crop_box, orig_box, n_pad,

@@ -2,8 +2,9 @@
 align_corners=False)` (no antialiasing, even when shrinking).
 
 `jax.image.resize` antialiases when downsampling, which the reference does not do, so
-we build the two 1-D interpolation matrices with PyTorch's source-index formula and
-apply them as matmuls (exact weights, MXU-friendly, no gathers).
+we use PyTorch's source-index formula directly: `resize_bilinear` gathers the two taps
+per axis; `interp_matrix` gives the same map as a dense (out, in) matrix, which the
+automatic mask generator composes into one operator per axis.
 """
 
 from __future__ import annotations
@@ -41,12 +42,37 @@ def interp_matrix(in_size: int, out_size: int, crop: int | None = None) -> np.nd
   return w
 
 
+@functools.lru_cache(maxsize=256)
+def interp_taps(in_size: int, out_size: int):
+  """(i0, i1, l0, l1): the two source rows and weights of each output row (ATen's formula)."""
+  scale = np.float32(in_size / out_size)
+  dst = np.arange(out_size, dtype=np.float32)
+  src = np.maximum(scale * (dst + np.float32(0.5)) - np.float32(0.5),
+                   np.float32(0.0)).astype(np.float32)
+  i0 = np.minimum(np.floor(src).astype(np.int32), in_size - 1)
+  i1 = np.minimum(i0 + 1, in_size - 1).astype(np.int32)
+  l1 = (src - i0).astype(np.float32)
+  l0 = (np.float32(1.0) - l1).astype(np.float32)
+  return i0, i1, l0, l1
+
+
 def resize_bilinear(x: jax.Array, out_hw: Tuple[int, int], axes: Tuple[int, int] = (-2, -1)
                     ) -> jax.Array:
-  """Resizes the two spatial `axes` of `x` to `out_hw` (PyTorch bilinear semantics)."""
+  """Resizes the two spatial `axes` of `x` to `out_hw` (PyTorch bilinear semantics).
+
+  Two taps per axis with static indices (a width pass, then a height pass, the order
+  of ATen's CPU kernel): memory-bound and ~10x faster on CPU than applying the dense
+  `interp_matrix` operators, with the same result.
+  """
   ah, aw = (a % x.ndim for a in axes)
-  wh = jnp.asarray(interp_matrix(x.shape[ah], int(out_hw[0])))
-  ww = jnp.asarray(interp_matrix(x.shape[aw], int(out_hw[1])))
-  x = jnp.moveaxis(x, (ah, aw), (-2, -1)).astype(jnp.float32)
-  y = jnp.einsum("oh,...hw,pw->...op", wh, x, ww, precision=jax.lax.Precision.HIGHEST)
-  return jnp.moveaxis(y, (-2, -1), (ah, aw))
+  x = x.astype(jnp.float32)
+  i0, i1, l0, l1 = interp_taps(x.shape[aw], int(out_hw[1]))
+  shape_w = [1] * x.ndim
+  shape_w[aw] = -1
+  x = (jnp.take(x, i0, axis=aw) * l0.reshape(shape_w)
+       + jnp.take(x, i1, axis=aw) * l1.reshape(shape_w))
+  i0, i1, l0, l1 = interp_taps(x.shape[ah], int(out_hw[0]))
+  shape_h = [1] * x.ndim
+  shape_h[ah] = -1
+  return (jnp.take(x, i0, axis=ah) * l0.reshape(shape_h)
+          + jnp.take(x, i1, axis=ah) * l1.reshape(shape_h))

@@ -7,6 +7,7 @@ Heavy modules are imported inside each command so `samjax --help` is instant and
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -117,14 +118,29 @@ def _run_predict(args) -> int:
 
 def _add_automask(sub):
   from samjax import bulk
+  from samjax.pretrained import cache_dir
   p = sub.add_parser("automask", help="automatic masks for many images (SA-1B style JSON)")
   bulk.add_automask_arguments(p)
+  p.add_argument("--compilation-cache", default=str(cache_dir() / "xla"),
+                 help="persistent XLA compilation cache directory ('' disables); reruns and "
+                 "other hosts sharing it skip compilation")
   p.set_defaults(func=_run_automask)
+
+
+def _enable_compilation_cache(path: Optional[str]) -> None:
+  """Persistent XLA cache: a restarted or second job skips recompiling (minutes on GPU)."""
+  if not path:
+    return
+  import jax
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def _make_generator(args):
   import jax.numpy as jnp
   from samjax import bulk
+  _enable_compilation_cache(args.compilation_cache)
   from samjax.automatic import AutomaticMaskGenerator
   from samjax.predictor import load_model
   dtype = jnp.bfloat16 if getattr(args, "dtype", "float32") == "bfloat16" else jnp.float32

@@ -41,6 +41,8 @@ def _env(devices: int = 1):
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONUNBUFFERED"] = "1"
+  env.setdefault("SAMJAX_CACHE", os.path.join(os.environ.get("TMPDIR", "/tmp"),
+                                              "samjax-test-cache"))
   return env
 
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from samjax.config import SamConfig
-from samjax.modeling import Sam, postprocess_masks
+from samjax.modeling import Sam, postprocess_masks, preprocess
 
 Dtype = Any
 
@@ -41,12 +41,8 @@ def normalize_images(images: jax.Array, config: SamConfig,
   Returns:
     (B, S, S, 3) float32, as `Sam.preprocess` of the reference.
   """
-  mean = jnp.asarray(config.pixel_mean, jnp.float32)
-  std = jnp.asarray(config.pixel_std, jnp.float32)
-  x = (images.astype(jnp.float32) - mean) / std
+  x = preprocess(images, config)
   s = config.image_size
-  h, w = x.shape[1], x.shape[2]
-  x = jnp.pad(x, ((0, 0), (0, s - h), (0, s - w), (0, 0)))
   if valid_hw is not None:
     rows = jnp.arange(s)[None, :, None] < valid_hw[:, 0, None, None]
     cols = jnp.arange(s)[None, None, :] < valid_hw[:, 1, None, None]

@@ -18,14 +18,13 @@ import numpy as np
 
 
 @functools.lru_cache(maxsize=256)
-def interp_matrix(in_size: int, out_size: int, crop: int | None = None) -> np.ndarray:
+def interp_matrix(in_size: int, out_size: int) -> np.ndarray:
   """(out_size, in_size) float32 matrix W with out = W @ in along one axis.
 
   Mirrors ATen's `upsample_bilinear2d` (align_corners=False): scale = in/out,
   src = max(scale * (dst + 0.5) - 0.5, 0), lambda = src - floor(src), and the upper
   neighbour is clamped to the last row.
   """
-  del crop
   scale = in_size / out_size
   dst = np.arange(out_size, dtype=np.float64)
   # ATen computes the source index in float32 (accscalar_t for float inputs).

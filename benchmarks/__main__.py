@@ -70,8 +70,12 @@ def parse_args(argv=None):
   p.add_argument("--amg-points-per-side", type=int, default=None,
                  help="AMG point grid (default 32, the official default; 16 with --quick)")
   p.add_argument("--attention-impl", default="auto",
-                 help="samjax encoder attention kernel, if samjax supports choosing one "
-                      "(auto, einsum, xla, cudnn)")
+                 help="samjax encoder attention kernel(s): a comma list, one encoder row "
+                      "each, of auto, einsum, xla, cudnn or WINDOWED/GLOBAL pairs such as "
+                      "cudnn/xla (default auto)")
+  p.add_argument("--profile", action="store_true",
+                 help="trace each samjax encoder configuration after timing it and report "
+                      "its device time by kernel (traces under OUT/profiles)")
   p.add_argument("--peak", choices=("auto", "on", "off"), default="auto",
                  help="measure the dense matmul rate for MFU (auto: on GPU only)")
   p.add_argument("--time-cap", type=float, default=None,

@@ -426,6 +426,6 @@ def attention_impls(config, mode: PrecisionMode, requested: str) -> Optional[Dic
     return {"requested": requested,
             "global": fn(requested, g * g, config.encoder_num_heads, hd, jnp_dtype(mode)),
             "window": fn(requested, config.window_size ** 2, config.encoder_num_heads, hd,
-                         jnp_dtype(mode))}
+                         jnp_dtype(mode), windowed=True)}
   except Exception as e:  # noqa: BLE001
     return {"requested": requested, "error": f"{type(e).__name__}: {e}"[:300]}

@@ -82,7 +82,20 @@ def _to_nhwc(t) -> np.ndarray:
   return t.detach().float().permute(0, 2, 3, 1).cpu().numpy()
 
 
+def _finish_timing(t: Dict[str, Any], b: int, fl: float, peak: Dict[str, Any], dname: str):
+  t["images_per_s"] = b / t["median_s"]
+  t["tflops"] = fl * t["images_per_s"] / 1e12
+  if "jax_bf16" in peak:
+    t["mfu_vs_bf16_peak"] = t["tflops"] / peak["jax_bf16"]["tflops"]
+  same = {"float32": "jax_fp32", "bfloat16": "jax_bf16"}.get(dname)
+  if same in peak:
+    t["mfu_vs_same_dtype_peak"] = t["tflops"] / peak[same]["tflops"]
+  return strip_out(t)
+
+
 def run(ctx: Context, models: Models) -> None:
+  """One row per (batch, dtype, samjax attention variant); the official model is timed
+  once per (batch, dtype) and shared by that pair's rows."""
   import jax
   args = ctx.args
   torch = ctx.torch
@@ -92,6 +105,7 @@ def run(ctx: Context, models: Models) -> None:
   cache = ctx.cache.setdefault(models.name, {})
   points = _probe_points(cfg, args.seed + 7)
   iters = args.iters if args.iters is not None else (5 if cfg.name in ("vit_l", "vit_h") else 10)
+  impls = [x.strip() for x in str(args.attention_impl).split(",") if x.strip()] or ["auto"]
 
   for b in args.batch_sizes:
     images = random_images(args.seed + 100 + b, b, cfg.image_size)
@@ -118,56 +132,68 @@ def run(ctx: Context, models: Models) -> None:
       if ctx.out_of_time():
         ctx.skip(SECTION, label, "deadline")
         continue
-      log(f"[encoder] {label}")
-      row: Dict[str, Any] = {"model": models.name, "batch": b, "dtype": dname,
-                             "flops_per_image": fl,
-                             "attention": attention_impls(cfg, mode, args.attention_impl)}
-      sj = off = None
-      with guarded(ctx, SECTION, f"{label} samjax"):
-        fn = _make_samjax_encoder(models, mode, args.attention_impl)
-        with jax_precision(mode):
-          sj = time_calls(lambda: fn(models.params, x_jax), jax_sync, args.warmup, iters,
-                          args.time_cap)
+      log(f"[encoder] {label} (official)")
+      off = off_row = off_nhwc = same_masks = None
       with guarded(ctx, SECTION, f"{label} official"):
         with torch_mode(ctx, mode):
           off = time_calls(lambda: _official_encode(ctx, models, x_torch),
                            lambda _: ctx.torch_sync(), args.warmup, iters, args.time_cap)
-      for key, t in (("samjax", sj), ("official", off)):
-        if t is None:
-          continue
-        t["images_per_s"] = b / t["median_s"]
-        t["tflops"] = fl * t["images_per_s"] / 1e12
-        if "jax_bf16" in peak:
-          t["mfu_vs_bf16_peak"] = t["tflops"] / peak["jax_bf16"]["tflops"]
-        same = {"float32": "jax_fp32", "bfloat16": "jax_bf16"}.get(dname)
-        if same in peak:
-          t["mfu_vs_same_dtype_peak"] = t["tflops"] / peak[same]["tflops"]
-        row[key] = strip_out(t)
-      if sj is not None and off is not None:
-        row["ratio"] = row["samjax"]["images_per_s"] / row["official"]["images_per_s"]
-      # Numerics on the last timed outputs.
-      with guarded(ctx, SECTION, f"{label} numerics"):
-        off_nhwc = _to_nhwc(off["out"]) if off is not None else None
-        if dname == "float32" and off_nhwc is not None and ref32 is None:
+        off_nhwc = _to_nhwc(off["out"])
+        off_row = _finish_timing(off, b, fl, peak, dname)
+        off = None
+        if dname == "float32" and ref32 is None:
           ref32 = off_nhwc
-        r32, rmasks = ensure_ref32()
-        num: Dict[str, Any] = {}
+      official_numerics = None
+      with guarded(ctx, SECTION, f"{label} official numerics"):
+        if dname != "float32" and off_nhwc is not None:
+          r32, rmasks = ensure_ref32()
+          official_numerics = _compare_embeddings(ctx, models, off_nhwc, r32, rmasks, points)
+          same_masks = official_decode_lowres(ctx, models, off_nhwc[0], points)
+
+      for impl in impls:
+        vlabel = f"{label} attention={impl}"
+        if ctx.out_of_time():
+          ctx.skip(SECTION, vlabel, "deadline")
+          continue
+        log(f"[encoder] {vlabel}")
+        row: Dict[str, Any] = {"model": models.name, "batch": b, "dtype": dname,
+                               "flops_per_image": fl,
+                               "attention": attention_impls(cfg, mode, impl)}
+        if off_row is not None:
+          row["official"] = off_row
+        sj = None
+        with guarded(ctx, SECTION, f"{vlabel} samjax"):
+          fn = _make_samjax_encoder(models, mode, impl)
+          with jax_precision(mode):
+            sj = time_calls(lambda: fn(models.params, x_jax), jax_sync, args.warmup, iters,
+                            args.time_cap)
+            if getattr(args, "profile", False):
+              with guarded(ctx, SECTION, f"{vlabel} profile"):
+                from benchmarks import profile as profile_lib
+                row["profile"] = profile_lib.profile_jax(
+                    lambda: fn(models.params, x_jax), ctx.args.out,
+                    f"encoder_{models.name}_b{b}_{dname}_{impl.replace('/', '-')}")
         if sj is not None:
           sj_nhwc = np.asarray(jax.device_get(sj["out"]).astype(np.float32))
-          num["samjax_vs_official_fp32"] = _compare_embeddings(ctx, models, sj_nhwc, r32,
-                                                               rmasks, points)
-          if dname != "float32" and off_nhwc is not None:
-            same_masks = official_decode_lowres(ctx, models, off_nhwc[0], points)
-            num[f"samjax_vs_official_{dname}"] = _compare_embeddings(
-                ctx, models, sj_nhwc, off_nhwc, same_masks, points)
-        if dname != "float32" and off_nhwc is not None:
-          num[f"official_{dname}_vs_official_fp32"] = _compare_embeddings(
-              ctx, models, off_nhwc, r32, rmasks, points)
-        row["numerics"] = num
-      ctx.results[SECTION].append(row)
-      _log_row(row)
-      sj = off = None
-      free_memory(ctx)
+          row["samjax"] = _finish_timing(sj, b, fl, peak, dname)
+          sj = None
+          if off_row is not None:
+            row["ratio"] = row["samjax"]["images_per_s"] / off_row["images_per_s"]
+          with guarded(ctx, SECTION, f"{vlabel} numerics"):
+            r32, rmasks = ensure_ref32()
+            num: Dict[str, Any] = {}
+            num["samjax_vs_official_fp32"] = _compare_embeddings(ctx, models, sj_nhwc, r32,
+                                                                 rmasks, points)
+            if dname != "float32" and off_nhwc is not None:
+              num[f"samjax_vs_official_{dname}"] = _compare_embeddings(
+                  ctx, models, sj_nhwc, off_nhwc, same_masks, points)
+            if official_numerics is not None:
+              num[f"official_{dname}_vs_official_fp32"] = official_numerics
+            row["numerics"] = num
+          del sj_nhwc
+        ctx.results[SECTION].append(row)
+        _log_row(row)
+        free_memory(ctx)
     del x_jax, x_torch
     free_memory(ctx)
 

@@ -1,20 +1,29 @@
 #!/usr/bin/env bash
-# One-shot GPU benchmark run: samjax vs official SAM, ViT-B and ViT-H, batch 1 and 8,
-# fp32 and bf16, plus the automatic mask generator. Meant for a single call on a fresh
-# GPU machine, from the repository root:
+# One-shot GPU benchmark run, samjax vs the official SAM in the same processes, sized for
+# a short lease on a fresh GPU machine (run from the repository root):
 #
-#   bash benchmarks/gpu_run.sh            # writes to $OUT (or benchmarks/results)
+#   BENCH_BUDGET_S=330 bash benchmarks/gpu_run.sh      # writes to $OUT (or benchmarks/results)
 #
-# Budget: about 5-6 minutes on an H200, compiles included. A deadline (BENCH_DEADLINE_S,
-# default 300 s) stops starting new measurements, so the run ends in time even if
-# compilation is slower than expected; whatever finished is in $OUT/results.{json,md}.
-# Extra arguments are passed on to `python -m benchmarks`.
+# Stages, each a `python -m benchmarks` run with its own deadline, most important first:
+#   1. vit_h: ViT-H encoder, batch 8, bf16, one row per attention variant in $H_IMPLS
+#      (default auto,xla,cudnn/xla), each traced for a kernel-time breakdown; the
+#      dense matmul peak for MFU; XLA's optimized HLO of each variant is kept.
+#   2. vit_b: ViT-B encoder at batch 8 and 1 in fp32 and bf16, and the prompt path.
+#   3. amg: the automatic mask generator on ViT-B (skipped unless AMG=1: its first call
+#      compiles for ~2 minutes).
+# Each stage only starts if enough of BENCH_BUDGET_S (default 330 s) is left, and is
+# stopped (SIGINT, then SIGKILL) before the budget runs out; every stage saves its JSON and
+# markdown after each row, so what finished is kept. At the end everything is packed into
+# $OUT/results.tar.gz, with the stages' results.md and the log beside it.
 set -uo pipefail
 
 OUT="${OUT:-benchmarks/results}"
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"
 : > "$LOG"
+BUDGET="${BENCH_BUDGET_S:-330}"
+T0=$SECONDS
+left() { echo $(( BUDGET - (SECONDS - T0) )); }
 
 # Wheels carried along in .whl/ (e.g. segment_anything) go to a private site dir: no
 # index, no dependencies, nothing else on the machine is touched. One at a time, so a
@@ -30,23 +39,48 @@ fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}"
 export PYTHONUNBUFFERED=1
 
-# A real photo for the AMG if one is at hand, else the benchmark synthesizes a scene.
-AMG_ARGS=()
-for img in "${AMG_IMAGE:-}" shared/images/dog.jpg /work/shared/images/dog.jpg; do
-  if [[ -n "$img" && -f "$img" ]]; then
-    AMG_ARGS=(--amg-image "$img")
-    break
-  fi
-done
-
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv \
   2>&1 | tee "$OUT/nvidia-smi.txt" | tee -a "$LOG"
+python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, \
+jax.devices())" 2>&1 | tee -a "$LOG"
 
-# The upscaled prompt rows are left out here (each costs two more compilations); the
-# prompt rows time the decoder's low-res output. Pass --prompt-upscale to add them back.
-python3 -m benchmarks --models vit_b,vit_h --batch-sizes 1,8 --dtypes float32,bfloat16 \
-  --warmup 2 --no-prompt-upscale --amg ${AMG_ARGS[@]+"${AMG_ARGS[@]}"} \
-  --deadline-s "${BENCH_DEADLINE_S:-300}" --out "$OUT" "$@" 2>&1 | tee -a "$LOG"
-rc=${PIPESTATUS[0]}
-echo "benchmarks exit code: $rc" | tee -a "$LOG"
-exit "$rc"
+# stage NAME MIN_SECONDS ARGS...: runs if MIN_SECONDS are left; stops 15 s before the end.
+stage() {
+  local name=$1 need=$2; shift 2
+  local l; l=$(left)
+  if (( l < need )); then
+    echo "=== stage $name skipped: ${l}s left, needs ${need}s" | tee -a "$LOG"
+    return
+  fi
+  echo "=== stage $name (${l}s left)" | tee -a "$LOG"
+  timeout -s INT -k 10 $(( l - 15 )) python3 -m benchmarks "$@" --out "$OUT/$name" \
+    --deadline-s $(( l * 3 / 4 )) 2>&1 | tee -a "$LOG"
+  echo "=== stage $name exit code ${PIPESTATUS[0]}" | tee -a "$LOG"
+}
+
+XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=/tmp/xla_dump --xla_dump_hlo_as_text \
+--xla_dump_hlo_module_re=.*lambda.*" \
+stage vit_h 150 --models vit_h --batch-sizes 8 --dtypes bfloat16 \
+  --attention-impl "${H_IMPLS:-auto,xla,cudnn/xla}" --sections encoder --profile \
+  --peak on --warmup 2 --iters 8
+stage vit_b 90 --models vit_b --batch-sizes 8,1 --dtypes bfloat16,float32 --peak on \
+  --warmup 2 --iters 10 --no-prompt-upscale
+if [[ "${AMG:-0}" == 1 ]]; then
+  AMG_ARGS=()
+  for img in "${AMG_IMAGE:-}" shared/images/dog.jpg; do
+    if [[ -n "$img" && -f "$img" ]]; then AMG_ARGS=(--amg-image "$img"); break; fi
+  done
+  stage amg 200 --models vit_b --sections none --amg --peak off ${AMG_ARGS[@]+"${AMG_ARGS[@]}"}
+fi
+
+# Pack: optimized HLO of the encoder variants, traces and every stage's outputs.
+mkdir -p "$OUT/hlo"
+find /tmp/xla_dump -name '*after_optimizations.txt' -size +100k -exec cp {} "$OUT/hlo/" \; \
+  2>/dev/null
+for s in vit_h vit_b amg; do
+  [[ -f "$OUT/$s/results.md" ]] && cp "$OUT/$s/results.md" "$OUT/$s.md"
+done
+(cd "$OUT" && tar czf results.tar.gz --exclude=results.tar.gz vit_h vit_b amg hlo \
+  2>/dev/null; rm -rf vit_h vit_b amg hlo)
+ls -la "$OUT" | tee -a "$LOG"
+echo "total ${SECONDS}s" | tee -a "$LOG"

@@ -103,8 +103,11 @@ def markdown(results: Dict[str, Any]) -> str:
       n32 = _get(r, "numerics", "samjax_vs_official_fp32")
       nsame = _get(r, "numerics", f"samjax_vs_official_{d}")
       nofficial = _get(r, "numerics", f"official_{d}_vs_official_fp32")
+      att = r.get("attention") or {}
+      att_s = (f"{att.get('window')}/{att.get('global')}" if "window" in att
+               else str(att.get("requested", "-")))
       rows.append([
-          r["model"], str(r["batch"]), d,
+          r["model"], str(r["batch"]), d, att_s,
           _fmt(_get(r, "samjax", "images_per_s")), _fmt(_get(r, "official", "images_per_s")),
           _fmt(r.get("ratio"), ".2f"),
           _fmt(_get(r, "samjax", "compile_s"), ".1f"),
@@ -116,14 +119,33 @@ def markdown(results: Dict[str, Any]) -> str:
           _fmt(_get(nsame, "max_rel"), ".1e"), _fmt(_get(nsame, "mask_iou"), ".4f"),
           _fmt(_get(nofficial, "max_rel"), ".1e"), _fmt(_get(nofficial, "mask_iou"), ".4f"),
       ])
-    lines += _table(["model", "batch", "dtype", "samjax img/s", "official img/s",
-                     "ratio", "samjax compile s", "TFLOP/s sj / off", "MFU sj / off",
+    lines += _table(["model", "batch", "dtype", "attention window/global", "samjax img/s",
+                     "official img/s", "ratio", "samjax compile s", "TFLOP/s sj / off", "MFU sj / off",
                      "max rel vs off fp32", "mask IoU vs off fp32", "max rel vs off same dtype",
                      "mask IoU vs off same dtype", "off dtype vs off fp32 max rel",
                      "off dtype vs off fp32 IoU"], rows)
     lines += ["", "MFU is against the bf16 dense matmul rate measured above (GPU only). "
               "Mask IoU: 16 point prompts on image 0 decoded by the official fp32 decoder "
               "from each embedding.", ""]
+    profiled = [r for r in enc if r.get("profile")]
+    if profiled:
+      lines += ["### Where the samjax encoder's device time goes (traced calls)", ""]
+      for r in profiled:
+        att = r.get("attention") or {}
+        p = r["profile"]
+        t = p.get("kernels") or p.get("xla_ops") or p.get("host_ops") or {}
+        if not t:
+          continue
+        lines.append(f"- {r['model']} b{r['batch']} {r['dtype']} attention "
+                     f"{att.get('requested')}: {t['total_ms']:.2f} ms of device time per call "
+                     f"(wall {p.get('wall_ms_per_call_traced', float('nan')):.2f} ms); "
+                     + ", ".join(f"{k} {v['share']:.0%}" for k, v in t["by_kind"].items()))
+        lines.append("")
+        lines += _table(["ms/call", "share", "per call", "kind", "kernel"],
+                        [[_fmt(x["ms"], ".3f"), f"{x['share']:.1%}",
+                          _fmt(x["count_per_call"], ".3g"), x["kind"],
+                          "`" + x["name"].replace("|", "/") + "`"] for x in t["top"]])
+        lines.append("")
 
   pr = results.get("prompt") or []
   if pr:
@@ -201,7 +223,10 @@ def ratio_rows(results: Dict[str, Any]):
   out = []
   for r in results.get("encoder") or []:
     if r.get("ratio"):
-      out.append((f"encoder {r['model']} b{r['batch']} {r['dtype']}", r["ratio"], "encoder"))
+      req = (r.get("attention") or {}).get("requested", "auto")
+      tag = "" if req in (None, "auto") else f" {req}"
+      out.append((f"encoder {r['model']} b{r['batch']} {r['dtype']}{tag}", r["ratio"],
+                  "encoder"))
   for r in results.get("prompt") or []:
     if r.get("ratio"):
       v = "up" if r.get("upscaled") else "lowres"

@@ -67,6 +67,11 @@ def parse_args(argv=None):
   p.add_argument("--amg-model", default=None, help="model for the AMG (default: first of --models)")
   p.add_argument("--amg-iters", type=int, default=None, help="warm AMG runs after the cold one "
                  "(default 2)")
+  p.add_argument("--amg-settings", default="defaults,all-pass",
+                 help="comma list of AMG settings: defaults, all-pass (default both)")
+  p.add_argument("--amg-dtypes", default="float32",
+                 help=f"comma list of AMG precision modes from {', '.join(MODES)} "
+                      "(default float32)")
   p.add_argument("--amg-points-per-side", type=int, default=None,
                  help="AMG point grid (default 32, the official default; 16 with --quick)")
   p.add_argument("--attention-impl", default="auto",
@@ -103,7 +108,9 @@ def parse_args(argv=None):
   args.dtypes = _csv(args.dtypes)
   args.prompts = [int(x) for x in _csv(args.prompts)]
   args.sections = _csv(args.sections)
-  bad = [d for d in args.dtypes if d not in MODES]
+  args.amg_settings = _csv(args.amg_settings)
+  args.amg_dtypes = _csv(args.amg_dtypes)
+  bad = [d for d in args.dtypes + args.amg_dtypes if d not in MODES]
   if bad:
     p.error(f"unknown dtype(s) {bad}; choose from {list(MODES)}")
   from samjax.config import CONFIGS

@@ -7,7 +7,9 @@ candidate up to NMS and so exercises the whole post-processing path with many ma
 
 Each generator runs once cold (samjax compiles here) and then `--amg-iters` times warm;
 seconds per image is the warm median. Both run in fp32 (true fp32 matmuls on both
-sides). Numerics: mask counts, and for every official mask the best IoU among the
+sides) unless `--amg-dtypes` adds bfloat16: samjax in bf16 compute against the official in
+fp32, its only working mode (under bf16 autocast its MaskData.to_numpy() fails on bf16
+tensors). Numerics: mask counts, and for every official mask the best IoU among the
 samjax masks (and the reverse), on a 4x-subsampled pixel grid.
 """
 
@@ -19,7 +21,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from benchmarks.common import (MODES, Context, Models, free_memory, guarded, jax_precision,
-                               log, torch_mode)
+                               jnp_dtype, log, torch_mode)
 
 SECTION = "amg"
 SETTINGS = {
@@ -129,44 +131,55 @@ def run(ctx: Context, models: Models) -> None:
     return
   from samjax.model import SamModel
   image, desc = load_image(args.amg_image, args.seed)
-  mode = MODES["float32"]
   log(f"[amg] {models.name} on {desc}")
   official_gen_cls = None
   with guarded(ctx, SECTION, "import segment_anything.SamAutomaticMaskGenerator"):
     from segment_anything import SamAutomaticMaskGenerator
     official_gen_cls = SamAutomaticMaskGenerator
 
-  for sname, kw in SETTINGS.items():
-    kw = dict(kw, points_per_side=args.amg_points_per_side)
-    label = f"{models.name} {sname}"
-    if ctx.out_of_time():
-      ctx.skip(SECTION, label, "deadline")
-      continue
-    log(f"[amg] {label}")
-    row: Dict[str, Any] = {"model": models.name, "setting": sname, "kwargs": kw,
-                           "image": desc, "dtype": "float32"}
-    sj_out = off_out = None
-    with guarded(ctx, SECTION, f"{label} samjax"):
-      gen = AutomaticMaskGenerator(SamModel(models.config, models.params), **kw)
-      with jax_precision(mode):
-        row["samjax"], sj_out = _time_generate(gen, image, args.amg_iters, args.time_cap)
-      del gen
-    if official_gen_cls is not None:
-      with guarded(ctx, SECTION, f"{label} official"):
-        gen = official_gen_cls(models.official, **kw)
-        with torch_mode(ctx, mode):
-          row["official"], off_out = _time_generate(gen, image, args.amg_iters, args.time_cap,
-                                                    ctx.torch_sync)
+  settings = [x for x in getattr(args, "amg_settings", list(SETTINGS)) if x in SETTINGS]
+  dtypes = getattr(args, "amg_dtypes", None) or ["float32"]
+  for sname in settings:
+    kw = dict(SETTINGS[sname], points_per_side=args.amg_points_per_side)
+    official = off_out = None  # timed once per setting, shared by the dtype rows
+    for dname in dtypes:
+      mode = MODES[dname]
+      label = f"{models.name} {sname} {dname}"
+      if ctx.out_of_time():
+        ctx.skip(SECTION, label, "deadline")
+        continue
+      log(f"[amg] {label}")
+      row: Dict[str, Any] = {"model": models.name, "setting": sname, "kwargs": kw,
+                             "image": desc, "dtype": dname, "official_dtype": "float32"}
+      sj_out = None
+      with guarded(ctx, SECTION, f"{label} samjax"):
+        gen = AutomaticMaskGenerator(SamModel(models.config, models.params,
+                                              dtype=jnp_dtype(mode)), **kw)
+        with jax_precision(mode):
+          row["samjax"], sj_out = _time_generate(gen, image, args.amg_iters, args.time_cap)
         del gen
-    if "samjax" in row and "official" in row:
-      row["ratio"] = row["official"]["seconds_per_image"] / row["samjax"]["seconds_per_image"]
-    if sj_out is not None and off_out is not None:
-      with guarded(ctx, SECTION, f"{label} numerics"):
-        row["numerics"] = match_masks(_masks(off_out), _masks(sj_out))
-    ctx.results[SECTION].append(row)
-    _log_row(row)
-    sj_out = off_out = None
-    free_memory(ctx)
+      # The official generator only runs in fp32: under bf16 autocast its
+      # MaskData.to_numpy() fails on bf16 tensors. So every row compares with it in fp32.
+      if official is None and official_gen_cls is not None:
+        with guarded(ctx, SECTION, f"{models.name} {sname} official"):
+          gen = official_gen_cls(models.official, **kw)
+          with torch_mode(ctx, MODES["float32"]):
+            official, off_out = _time_generate(gen, image, args.amg_iters, args.time_cap,
+                                               ctx.torch_sync)
+          del gen
+      if official is not None:
+        row["official"] = official
+      if "samjax" in row and "official" in row:
+        row["ratio"] = (row["official"]["seconds_per_image"] /
+                        row["samjax"]["seconds_per_image"])
+      if sj_out is not None and off_out is not None:
+        with guarded(ctx, SECTION, f"{label} numerics"):
+          row["numerics"] = match_masks(_masks(off_out), _masks(sj_out))
+      ctx.results[SECTION].append(row)
+      _log_row(row)
+      sj_out = None
+      free_memory(ctx)
+    off_out = None
 
 
 def _log_row(row):

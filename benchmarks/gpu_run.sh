@@ -4,13 +4,15 @@
 #
 #   BENCH_BUDGET_S=330 bash benchmarks/gpu_run.sh      # writes to $OUT (or benchmarks/results)
 #
-# Stages, each a `python -m benchmarks` run with its own deadline, most important first:
-#   1. vit_h: ViT-H encoder, batch 8, bf16, one row per attention variant in $H_IMPLS
-#      (default auto,xla,cudnn/xla), each traced for a kernel-time breakdown; the
-#      dense matmul peak for MFU; XLA's optimized HLO of each variant is kept.
-#   2. vit_b: ViT-B encoder at batch 8 and 1 in fp32 and bf16, and the prompt path.
-#   3. amg: the automatic mask generator on ViT-B (skipped unless AMG=1: its first call
-#      compiles for ~2 minutes).
+# Stages, each a `python -m benchmarks` run with its own time limit, most important first:
+#   1. vit_h: ViT-H encoder, batch 8, bf16, one row per attention variant in $H_IMPLS,
+#      each traced for a kernel-time breakdown; the dense matmul peak for MFU; XLA's
+#      optimized HLO of each variant is kept. The fastest variant is then exported as
+#      SAMJAX_ATTENTION_IMPL, which is what "auto" uses in the later stages.
+#   2. amg: the automatic mask generator on ViT-B ($AMG_DTYPES, default bfloat16, at
+#      $AMG_SETTINGS, default the official thresholds; AMG=0 skips it: its first call
+#      compiles for 1-2 minutes).
+#   3. vit_b: ViT-B encoder at batch 8 and 1 in bf16 and fp32, and the prompt path.
 # Each stage only starts if enough of BENCH_BUDGET_S (default 330 s) is left, and is
 # stopped (SIGINT, then SIGKILL) before the budget runs out; every stage saves its JSON and
 # markdown after each row, so what finished is kept. At the end everything is packed into
@@ -44,34 +46,53 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, \
 jax.devices())" 2>&1 | tee -a "$LOG"
 
-# stage NAME MIN_SECONDS ARGS...: runs if MIN_SECONDS are left; stops 15 s before the end.
+# stage NAME MIN_SECONDS MAX_SECONDS ARGS...: runs if MIN_SECONDS are left; is stopped
+# after MAX_SECONDS (or 15 s before the budget ends) and starts no new measurement after
+# 65% of that.
 stage() {
-  local name=$1 need=$2; shift 2
+  local name=$1 need=$2 max=$3; shift 3
   local l; l=$(left)
   if (( l < need )); then
     echo "=== stage $name skipped: ${l}s left, needs ${need}s" | tee -a "$LOG"
     return
   fi
-  echo "=== stage $name (${l}s left)" | tee -a "$LOG"
-  timeout -s INT -k 10 $(( l - 15 )) python3 -m benchmarks "$@" --out "$OUT/$name" \
-    --deadline-s $(( l * 3 / 4 )) 2>&1 | tee -a "$LOG"
+  local lim=$(( l - 15 < max ? l - 15 : max ))
+  echo "=== stage $name (${l}s left, up to ${lim}s)" | tee -a "$LOG"
+  timeout -s INT -k 10 "$lim" python3 -m benchmarks "$@" --out "$OUT/$name" \
+    --deadline-s $(( lim * 65 / 100 )) 2>&1 | tee -a "$LOG"
   echo "=== stage $name exit code ${PIPESTATUS[0]}" | tee -a "$LOG"
 }
 
 XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=/tmp/xla_dump --xla_dump_hlo_as_text \
 --xla_dump_hlo_module_re=.*lambda.*" \
-stage vit_h 150 --models vit_h --batch-sizes 8 --dtypes bfloat16 \
-  --attention-impl "${H_IMPLS:-auto,xla,cudnn/xla}" --sections encoder --profile \
-  --peak on --warmup 2 --iters 8
-stage vit_b 90 --models vit_b --batch-sizes 8,1 --dtypes bfloat16,float32 --peak on \
-  --warmup 2 --iters 10 --no-prompt-upscale
-if [[ "${AMG:-0}" == 1 ]]; then
+stage vit_h 150 "${H_MAX_S:-200}" --models vit_h --batch-sizes 8 --dtypes bfloat16 \
+  --attention-impl "${H_IMPLS:-auto,fold,fold_mla,cudnn/fold_mla,fold/fold_mla,fold/cudnn}" \
+  --sections encoder --profile --peak on --warmup 2 --iters 8
+
+# The fastest ViT-H variant becomes "auto" for the later stages (SAMJAX_ATTENTION_IMPL).
+BEST=$(python3 - "$OUT/vit_h/results.json" <<'PY' 2>/dev/null
+import json, sys
+rows = [r for r in json.load(open(sys.argv[1]))["encoder"] if r.get("samjax")]
+best = max(rows, key=lambda r: r["samjax"]["images_per_s"])
+print(best["attention"]["requested"])
+PY
+)
+if [[ -n "$BEST" && "$BEST" != auto ]]; then
+  export SAMJAX_ATTENTION_IMPL="$BEST"
+fi
+echo "=== fastest ViT-H attention variant: ${BEST:-unknown}" | tee -a "$LOG"
+
+if [[ "${AMG:-1}" == 1 ]]; then
   AMG_ARGS=()
   for img in "${AMG_IMAGE:-}" shared/images/dog.jpg; do
     if [[ -n "$img" && -f "$img" ]]; then AMG_ARGS=(--amg-image "$img"); break; fi
   done
-  stage amg 200 --models vit_b --sections none --amg --peak off ${AMG_ARGS[@]+"${AMG_ARGS[@]}"}
+  stage amg 100 "${AMG_MAX_S:-130}" --models vit_b --sections none --amg --peak off \
+    --amg-dtypes "${AMG_DTYPES:-bfloat16}" --amg-settings "${AMG_SETTINGS:-defaults}" \
+    --amg-iters 2 ${AMG_ARGS[@]+"${AMG_ARGS[@]}"}
 fi
+stage vit_b 60 "${B_MAX_S:-120}" --models vit_b --batch-sizes 8,1 --dtypes bfloat16,float32 \
+  --peak on --warmup 2 --iters 10 --no-prompt-upscale
 
 # Pack: optimized HLO of the encoder variants, traces and every stage's outputs.
 mkdir -p "$OUT/hlo"

@@ -26,10 +26,10 @@ from typing import Any, Callable, Dict, List
 from benchmarks.common import jax_sync, log
 
 KINDS = (  # first match wins
+    ("convolution", re.compile(r"conv(?!ert)|convolution", re.I)),
     ("attention", re.compile(r"cudnn|flash|fmha|fprop.*attn|attention|sdpa", re.I)),
     ("matmul", re.compile(r"gemm|cublas|cutlass|xmma|nvjet|matmul|\bdot|wgmma|triton_gemm",
                           re.I)),
-    ("convolution", re.compile(r"conv", re.I)),
     ("copy/transpose", re.compile(r"copy|transpose|memcpy|memset|concatenate|pad", re.I)),
     ("reduction", re.compile(r"reduce|reduction|softmax|norm", re.I)),
     ("fusion/other", re.compile(r".*")),

@@ -124,7 +124,7 @@ def markdown(results: Dict[str, Any]) -> str:
                      "max rel vs off fp32", "mask IoU vs off fp32", "max rel vs off same dtype",
                      "mask IoU vs off same dtype", "off dtype vs off fp32 max rel",
                      "off dtype vs off fp32 IoU"], rows)
-    lines += ["", "MFU is against the bf16 dense matmul rate measured above (GPU only). "
+    lines += ["", "MFU is against the best bf16 dense matmul rate measured above (GPU only). "
               "Mask IoU: 16 point prompts on image 0 decoded by the official fp32 decoder "
               "from each embedding.", ""]
     profiled = [r for r in enc if r.get("profile")]
@@ -177,13 +177,14 @@ def markdown(results: Dict[str, Any]) -> str:
 
   am = results.get("amg") or []
   if am:
-    lines += ["## Automatic mask generator (seconds per image, warm median; fp32)", ""]
+    lines += ["## Automatic mask generator (seconds per image, warm median)", ""]
     rows = []
     for r in am:
       n = r.get("numerics") or {}
       grid = (r.get("kwargs") or {}).get("points_per_side")
       rows.append([
-          r["model"], r["setting"], f"{grid}x{grid}" if grid else "-", r.get("image", ""),
+          r["model"], r["setting"], r.get("dtype", "float32"), f"{grid}x{grid}" if grid else "-",
+          r.get("image", ""),
           _fmt(_get(r, "samjax", "seconds_per_image")),
           _fmt(_get(r, "official", "seconds_per_image")), _fmt(r.get("ratio"), ".2f"),
           _fmt(_get(r, "samjax", "cold_s")), _fmt(_get(r, "official", "cold_s")),
@@ -191,11 +192,13 @@ def markdown(results: Dict[str, Any]) -> str:
           _fmt(n.get("official_best_iou_mean"), ".4f"),
           _fmt(n.get("samjax_best_iou_mean"), ".4f"),
       ])
-    lines += _table(["model", "setting", "points", "image", "samjax s/img", "official s/img",
+    lines += _table(["model", "setting", "dtype", "points", "image", "samjax s/img",
+                     "official s/img",
                      "ratio", "samjax cold s", "official cold s", "samjax masks",
                      "official masks", "official->samjax best IoU", "samjax->official best IoU"],
                     rows)
-    lines.append("")
+    lines += ["", "dtype is samjax's compute dtype; the official generator always runs in fp32, "
+              "its only working mode (under bf16 autocast its MaskData.to_numpy() fails).", ""]
 
   if results.get("skipped"):
     lines += ["## Skipped", ""]
@@ -234,7 +237,8 @@ def ratio_rows(results: Dict[str, Any]):
                   "prompt"))
   for r in results.get("amg") or []:
     if r.get("ratio"):
-      out.append((f"AMG {r['model']} {r['setting']}", r["ratio"], "amg"))
+      out.append((f"AMG {r['model']} {r['setting']} {r.get('dtype', 'float32')}", r["ratio"],
+                  "amg"))
   return out
 
 

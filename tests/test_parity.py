@@ -224,12 +224,38 @@ def test_image_encoder_vit_b_full_size(tmp_path, record):
   assert s["max_rel"] < REL_TOL
 
 
-def test_fused_attention_formulation_matches(tiny_ckpt, tiny_params, record):
-  """The bias formulation used by the cuDNN fast path ("xla" runs it on any backend)."""
+@pytest.mark.parametrize("impl,label", [
+    ("xla", "dot_product_attention+bias path"),
+    ("fold_xla", "rel-pos folded into q/k path"),
+    ("einsum/fold_xla", "einsum windows + folded global"),
+])
+def test_fused_attention_formulation_matches(tiny_ckpt, tiny_params, record, impl, label):
+  """The formulations behind the GPU fast paths, run by XLA on any backend: "xla" is
+  the bias form handed to cuDNN by "cudnn", "fold_xla" the folded q/k form of "fold" and
+  "fold_mla"; a "WINDOWED/GLOBAL" pair mixes them per block kind."""
   _, _, tmodel, cfg = tiny_ckpt
   images = _rand_images(np.random.default_rng(8), 1, cfg.image_size)
   ref = _torch_embed(tmodel, images)
-  ours = samjax.encode_image(tiny_params, jnp.asarray(images), cfg, attention_impl="xla")
+  ours = samjax.encode_image(tiny_params, jnp.asarray(images), cfg, attention_impl=impl)
   s = parity_stats(_nchw(ours), ref)
-  record("image encoder, tiny, dot_product_attention+bias path fp32", **s)
+  record(f"image encoder, tiny, {label} fp32", **s)
   assert s["max_rel"] < REL_TOL
+
+
+def test_attention_impl_is_validated(tiny_params):
+  cfg = samjax.get_config("tiny")
+  images = jnp.zeros((1, cfg.image_size, cfg.image_size, 3))
+  for bad in ("flash", "cudnn/xla/einsum", "/xla"):
+    with pytest.raises(ValueError, match="attention_impl"):
+      samjax.encode_image(tiny_params, images, cfg, attention_impl=bad)
+
+
+def test_auto_attention_is_portable_off_gpu():
+  from samjax.modeling import image_encoder as ie
+  if jax.default_backend() == "gpu":
+    pytest.skip("checks the non-GPU choice")
+  for windowed in (False, True):
+    assert ie.resolve_attention_impl("auto", 196, 4, 24, jnp.bfloat16, windowed) == "einsum"
+  assert ie.resolve_attention_impl("einsum/xla", 196, 4, 24, jnp.float32, True) == "einsum"
+  assert ie.resolve_attention_impl("einsum/xla", 4096, 4, 24, jnp.float32, False) == "xla"
+  assert ie.fold_qk_dim(80, (64, 64)) == 208 and ie.fold_qk_dim(80, (14, 14)) == 112

@@ -20,8 +20,16 @@ Dtype = Any
 
 
 def gelu(x: jax.Array) -> jax.Array:
-  """Exact (erf) GELU, as `torch.nn.GELU()`."""
-  return jax.nn.gelu(x, approximate=False)
+  """Exact (erf) GELU, as `torch.nn.GELU()`: x * 0.5 * (1 + erf(x / sqrt(2))) in float32.
+
+  Written out rather than `jax.nn.gelu(approximate=False)`, which evaluates
+  erfc(-x / sqrt(2)) in the input dtype: XLA expands erfc into three rational
+  approximations plus an exp per element, and on a GPU that made the GELU of ViT-H's
+  MLPs 16% of the encoder's time (measured on an H200). This is PyTorch's own formula
+  (float32 math for 16-bit inputs, one rounding at the end), and a single cheap erf.
+  """
+  x32 = x.astype(jnp.float32)
+  return (x32 * 0.5 * (1.0 + jax.lax.erf(x32 * 0.7071067811865476))).astype(x.dtype)
 
 
 class LayerNorm(nn.Module):

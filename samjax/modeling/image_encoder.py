@@ -7,7 +7,9 @@ checkpoint converter is a few generic rules.
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+import os
+
+from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -63,31 +65,103 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: jax.Array) -> jax.Array:
   return rel_pos[rel.astype(jnp.int32)]
 
 
-_CUDNN_PROBES = {}
+_PROBES = {}
+
+
+def _probe(key, fn) -> bool:
+  """Whether `fn()` (a tiny jitted call) compiles and runs; cached per key.
+
+  Run outside any trace, so an unsupported kernel/shape/cuDNN version falls back to a
+  portable path instead of failing at compile time.
+  """
+  if key not in _PROBES:
+    try:
+      with jax.ensure_compile_time_eval():
+        jax.block_until_ready(fn())
+      _PROBES[key] = True
+    except Exception:  # unsupported shape/dtype/cuDNN version/JAX version
+      _PROBES[key] = False
+  return _PROBES[key]
 
 
 def _cudnn_attention_works(n_tokens: int, heads: int, head_dim: int, dtype) -> bool:
-  """Whether cuDNN flash attention with a bias compiles and runs for these shapes.
+  """Whether cuDNN flash attention with a (1, heads, N, N) bias runs for these shapes."""
+  def fn():
+    q = jnp.zeros((1, n_tokens, heads, head_dim), dtype)
+    bias = jnp.zeros((1, heads, n_tokens, n_tokens), dtype)
+    return jax.jit(lambda q, b: jax.nn.dot_product_attention(
+        q, q, q, bias=b, implementation="cudnn"))(q, bias)
+  return _probe(("cudnn", n_tokens, heads, head_dim, jnp.dtype(dtype).name), fn)
 
-  Probed once per shape on a batch of one, outside any trace, so an unsupported
-  configuration falls back to the XLA path instead of failing at compile time.
+
+def _cudnn_mla():
+  """JAX's cuDNN attention entry point that allows a value head dim != the query's.
+
+  `jax.nn.dot_product_attention` requires equal head dims; the cuDNN wrapper underneath
+  does not (cuDNN >= 9.10 on Hopper). It is private API, so it is looked up defensively
+  and probed before use.
   """
-  key = (n_tokens, heads, head_dim, jnp.dtype(dtype).name)
-  if key not in _CUDNN_PROBES:
-    try:
-      with jax.ensure_compile_time_eval():
-        q = jnp.zeros((1, n_tokens, heads, head_dim), dtype)
-        bias = jnp.zeros((1, heads, n_tokens, n_tokens), dtype)
-        out = jax.jit(lambda q, b: jax.nn.dot_product_attention(
-            q, q, q, bias=b, implementation="cudnn"))(q, bias)
-        jax.block_until_ready(out)
-      _CUDNN_PROBES[key] = True
-    except Exception:  # unsupported shape/dtype/cuDNN version: use XLA
-      _CUDNN_PROBES[key] = False
-  return _CUDNN_PROBES[key]
+  try:
+    from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention
+  except Exception:  # moved or removed in this JAX version
+    return None
+  return dot_product_attention
 
 
-ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn")
+def _fold_works(kernel: str, n_tokens: int, heads: int, qk_dim: int, v_dim: int, dtype) -> bool:
+  def fn():
+    q = jnp.zeros((1, n_tokens, heads, qk_dim), dtype)
+    v = jnp.zeros((1, n_tokens, heads, v_dim), dtype)
+    return jax.jit(lambda q, v: _fold_kernel(q, q, v, kernel))(q, v)
+  return _probe(("fold", kernel, n_tokens, heads, qk_dim, v_dim, jnp.dtype(dtype).name), fn)
+
+
+def _fold_kernel(q2: jax.Array, k2: jax.Array, v: jax.Array, kernel: str) -> jax.Array:
+  """softmax(q2 . k2) v with no further scaling; q2/k2 may be wider than v."""
+  d, dv = q2.shape[-1], v.shape[-1]
+  if kernel == "mla":
+    return _cudnn_mla()(q2, k2, v, scale=1.0)
+  v2 = jnp.pad(v, ((0, 0),) * 3 + ((0, d - dv),)) if d > dv else v
+  out = jax.nn.dot_product_attention(q2, k2, v2, scale=1.0, implementation=kernel)
+  return out[..., :dv]
+
+
+def folded_rel_pos_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: jax.Array,
+                             rel_w: jax.Array, grid: Tuple[int, int], scale: float,
+                             kernel: str) -> jax.Array:
+  """Attention with the decomposed relative-position terms folded into q and k.
+
+  The reference adds rel_h[q, kh(k)] + rel_w[q, kw(k)] to the scaled logits. That is a
+  dot product: q' = [scale*q, rel_h[q, :], rel_w[q, :]] and k' = [k, onehot(kh(k)),
+  onehot(kw(k))] give q'.k' = scale*q.k + rel_h[q, kh] + rel_w[q, kw]. So a fused
+  flash-attention kernel computes the exact function without the (heads, N, N) bias
+  ever being written to memory (4 GiB per global block of a ViT-H batch of 8).
+  q'/k' are zero-padded to a multiple of 8 channels (cuDNN's requirement).
+
+  q, k, v: (B, N, heads, hd); rel_h: (B, N, heads, gh); rel_w: (B, N, heads, gw) with
+  N = gh * gw; kernel: "xla" or "cudnn" (v zero-padded to q' width), or "mla" (cuDNN
+  with v at its own width).
+  """
+  b, n, nh, _ = q.shape
+  gh, gw = grid
+  dt = q.dtype
+  onehot = jnp.concatenate([jnp.repeat(jnp.eye(gh, dtype=dt), gw, axis=0),
+                            jnp.tile(jnp.eye(gw, dtype=dt), (gh, 1))], axis=-1)  # (N, gh+gw)
+  k_extra = jnp.broadcast_to(onehot[None, :, None, :], (b, n, nh, gh + gw))
+  q2 = jnp.concatenate([q * jnp.asarray(scale, dt), rel_h.astype(dt), rel_w.astype(dt)], -1)
+  k2 = jnp.concatenate([k, k_extra], -1)
+  pad = (-q2.shape[-1]) % 8
+  if pad:
+    q2 = jnp.pad(q2, ((0, 0),) * 3 + ((0, pad),))
+    k2 = jnp.pad(k2, ((0, 0),) * 3 + ((0, pad),))
+  return _fold_kernel(q2, k2, v, kernel)
+
+
+ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn", "fold", "fold_mla", "fold_xla")
+
+# What "auto" tries on NVIDIA GPUs in 16-bit compute, in order, per block kind; the first
+# kernel whose probe compiles and runs wins, "einsum" if none does.
+AUTO_GPU_PREFERENCE = {"window": ("cudnn",), "global": ("cudnn",)}
 
 
 def split_attention_impl(impl: str) -> Tuple[str, str]:
@@ -101,18 +175,47 @@ def split_attention_impl(impl: str) -> Tuple[str, str]:
   return parts[0], parts[1]
 
 
-def resolve_attention_impl(impl: str, n_tokens: int, heads: int, head_dim: int, dtype,
-                           windowed: bool = False) -> str:
-  """"auto" -> "cudnn" on NVIDIA GPUs in 16-bit compute when it works, else "einsum".
+def fold_qk_dim(head_dim: int, grid: Tuple[int, int]) -> int:
+  """Channel width of q'/k' in `folded_rel_pos_attention` (a multiple of 8)."""
+  d = head_dim + grid[0] + grid[1]
+  return d + (-d) % 8
 
-  `impl` may name one kernel for all blocks or "WINDOWED/GLOBAL", one per block kind.
+
+def kernel_works(impl: str, n_tokens: int, heads: int, head_dim: int, dtype,
+                 grid: Tuple[int, int]) -> bool:
+  """Whether a GPU attention kernel compiles and runs for this shape (probed once)."""
+  if impl == "cudnn":
+    return _cudnn_attention_works(n_tokens, heads, head_dim, dtype)
+  if impl in ("fold", "fold_mla"):
+    if impl == "fold_mla" and _cudnn_mla() is None:
+      return False
+    return _fold_works("mla" if impl == "fold_mla" else "cudnn", n_tokens, heads,
+                       fold_qk_dim(head_dim, grid), head_dim, dtype)
+  return True  # einsum, xla, fold_xla: portable XLA
+
+
+def resolve_attention_impl(impl: str, n_tokens: int, heads: int, head_dim: int, dtype,
+                           windowed: bool = False, grid: Optional[Tuple[int, int]] = None
+                           ) -> str:
+  """The attention kernel a block uses.
+
+  `impl` names one kernel for all blocks or "WINDOWED/GLOBAL", one per block kind.
+  "auto": the environment variable SAMJAX_ATTENTION_IMPL if set (same syntax); else on
+  NVIDIA GPUs in bf16/fp16 the first of AUTO_GPU_PREFERENCE[kind] whose probe runs;
+  elsewhere (CPU, TPU, float32) the explicit-logits "einsum" path.
   """
+  if impl == "auto" and os.environ.get("SAMJAX_ATTENTION_IMPL"):
+    impl = os.environ["SAMJAX_ATTENTION_IMPL"]  # site-wide choice, e.g. from a benchmark
   impl = split_attention_impl(impl)[0 if windowed else 1]
   if impl != "auto":
     return impl
-  if (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-      and _cudnn_attention_works(n_tokens, heads, head_dim, dtype)):
-    return "cudnn"
+  if grid is None:
+    side = int(round(n_tokens ** 0.5))
+    grid = (side, n_tokens // side)
+  if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    for cand in AUTO_GPU_PREFERENCE["window" if windowed else "global"]:
+      if kernel_works(cand, n_tokens, heads, head_dim, dtype, grid):
+        return cand
   return "einsum"
 
 
@@ -153,7 +256,11 @@ class Attention(nn.Module):
     * "xla" / "cudnn": `jax.nn.dot_product_attention` with the relative-position
       terms passed as an additive bias; "cudnn" is fused flash attention on NVIDIA
       GPUs (never materialises the softmax in HBM). "auto" chooses per backend/dtype.
-    * "WINDOWED/GLOBAL", e.g. "cudnn/xla": one choice per block kind.
+    * "fold" / "fold_mla" / "fold_xla": the relative-position terms folded into q and k
+      (see `folded_rel_pos_attention`), so a fused kernel needs no (N, N) bias at all:
+      cuDNN with v zero-padded to the q/k width, cuDNN with v at its own width (private
+      JAX entry point, Hopper + cuDNN >= 9.10), or portable XLA.
+    * "WINDOWED/GLOBAL", e.g. "cudnn/fold_mla": one choice per block kind.
   """
 
   num_heads: int
@@ -197,11 +304,22 @@ class Attention(nn.Module):
       rw = get_rel_pos(w, w, rel_pos_w).astype(self.dtype)  # (qw, kw, hd)
       # The reference adds q (unscaled) . R to the scaled logits.
       r_q = q.reshape(b, h, w, nh, hd)
+    impl = resolve_attention_impl(self.attention_impl, h * w, nh, hd, self.dtype,
+                                  windowed=self.window_size > 0, grid=(h, w))
+    if self.use_rel_pos and impl.startswith("fold"):
+      # Relative terms in q's own (B, N, heads, k) layout, to be folded into q/k.
+      rel_h = jnp.einsum("byxnd,ykd->byxnk", r_q, rh, preferred_element_type=jnp.float32)
+      rel_w = jnp.einsum("byxnd,xkd->byxnk", r_q, rw, preferred_element_type=jnp.float32)
+      kernel = {"fold": "cudnn", "fold_mla": "mla", "fold_xla": "xla"}[impl]
+      out = folded_rel_pos_attention(q, k, v, rel_h.reshape(b, h * w, nh, h),
+                                     rel_w.reshape(b, h * w, nh, w), (h, w), hd ** -0.5, kernel)
+      return out.reshape(b, h, w, c)
+    if self.use_rel_pos:
       rel_h = jnp.einsum("byxnd,ykd->bnyxk", r_q, rh, preferred_element_type=jnp.float32)
       rel_w = jnp.einsum("byxnd,xkd->bnyxk", r_q, rw, preferred_element_type=jnp.float32)
       bias_hw = (rel_h, rel_w)  # (B, heads, qh, qw, kh) and (B, heads, qh, qw, kw)
-    impl = resolve_attention_impl(self.attention_impl, h * w, nh, hd, self.dtype,
-                                  windowed=self.window_size > 0)
+    if impl.startswith("fold"):  # no relative positions: nothing to fold
+      impl = {"fold": "cudnn", "fold_mla": "cudnn", "fold_xla": "xla"}[impl]
     if impl == "einsum":
       logits = jnp.einsum("bqnd,bknd->bnqk", q * (hd ** -0.5), k,
                           preferred_element_type=jnp.float32)  # (B, heads, N, N)

@@ -65,8 +65,8 @@ stage() {
 
 XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=/tmp/xla_dump --xla_dump_hlo_as_text \
 --xla_dump_hlo_module_re=.*lambda.*" \
-stage vit_h 150 "${H_MAX_S:-200}" --models vit_h --batch-sizes 8 --dtypes bfloat16 \
-  --attention-impl "${H_IMPLS:-auto,fold,fold_mla,cudnn/fold_mla,fold/fold_mla,fold/cudnn}" \
+stage vit_h 150 "${H_MAX_S:-240}" --models vit_h --batch-sizes 8 --dtypes bfloat16 \
+  --attention-impl "${H_IMPLS:-fold/fold_mla,auto,fold,cudnn/fold_mla,fold/cudnn,fold_mla}" \
   --sections encoder --profile --peak on --warmup 2 --iters 8
 
 # The fastest ViT-H variant becomes "auto" for the later stages (SAMJAX_ATTENTION_IMPL).

@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List
 from benchmarks.common import jax_sync, log
 
 KINDS = (  # first match wins
-    ("convolution", re.compile(r"conv(?!ert)|convolution", re.I)),
+    ("convolution", re.compile(r"conv(?!ert)|convolution|implicit_gemm|nhwc", re.I)),
     ("attention", re.compile(r"cudnn|flash|fmha|fprop.*attn|attention|sdpa", re.I)),
     ("matmul", re.compile(r"gemm|cublas|cutlass|xmma|nvjet|matmul|\bdot|wgmma|triton_gemm",
                           re.I)),

@@ -259,3 +259,20 @@ def test_auto_attention_is_portable_off_gpu():
   assert ie.resolve_attention_impl("einsum/xla", 196, 4, 24, jnp.float32, True) == "einsum"
   assert ie.resolve_attention_impl("einsum/xla", 4096, 4, 24, jnp.float32, False) == "xla"
   assert ie.fold_qk_dim(80, (64, 64)) == 208 and ie.fold_qk_dim(80, (14, 14)) == 112
+
+
+def test_attention_env_override(monkeypatch):
+  """SAMJAX_ATTENTION_IMPL steers "auto", but a GPU-only kernel is never forced onto a
+  backend or dtype it cannot run (float32 here, or no GPU): auto falls back instead."""
+  from samjax.modeling import image_encoder as ie
+  monkeypatch.setenv("SAMJAX_ATTENTION_IMPL", "fold_mla")
+  assert ie.resolve_attention_impl("auto", 4096, 4, 24, jnp.float32, False) == "einsum"
+  if jax.default_backend() != "gpu":
+    assert ie.resolve_attention_impl("auto", 4096, 4, 24, jnp.bfloat16, False) == "einsum"
+  assert ie.resolve_attention_impl("xla", 4096, 4, 24, jnp.float32, False) == "xla"
+  monkeypatch.setenv("SAMJAX_ATTENTION_IMPL", "einsum/fold_xla")
+  assert ie.resolve_attention_impl("auto", 196, 4, 24, jnp.float32, True) == "einsum"
+  assert ie.resolve_attention_impl("auto", 4096, 4, 24, jnp.float32, False) == "fold_xla"
+  monkeypatch.setenv("SAMJAX_ATTENTION_IMPL", "nonsense")
+  with pytest.raises(ValueError, match="attention_impl"):
+    ie.resolve_attention_impl("auto", 196, 4, 24, jnp.float32, True)

@@ -161,7 +161,11 @@ ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn", "fold", "fold_mla", "fold_x
 
 # What "auto" tries on NVIDIA GPUs in 16-bit compute, in order, per block kind; the first
 # kernel whose probe compiles and runs wins, "einsum" if none does.
-AUTO_GPU_PREFERENCE = {"window": ("cudnn",), "global": ("cudnn",)}
+# Measured on an H200, ViT-H batch 8 bf16 (benchmarks/gpu_run.sh, 2026-11-28): fold_mla
+# 68.4 img/s, fold/fold_mla 67.8, fold 66.8, cudnn/fold_mla 66.7, fold/cudnn 61.7,
+# cudnn (additive bias) 61.0; official PyTorch 22.4.
+AUTO_GPU_PREFERENCE = {"window": ("fold_mla", "fold", "cudnn"),
+                       "global": ("fold_mla", "fold", "cudnn")}
 
 
 def split_attention_impl(impl: str) -> Tuple[str, str]:
@@ -194,28 +198,42 @@ def kernel_works(impl: str, n_tokens: int, heads: int, head_dim: int, dtype,
   return True  # einsum, xla, fold_xla: portable XLA
 
 
+PORTABLE_IMPLS = ("einsum", "xla", "fold_xla")
+
+
 def resolve_attention_impl(impl: str, n_tokens: int, heads: int, head_dim: int, dtype,
                            windowed: bool = False, grid: Optional[Tuple[int, int]] = None
                            ) -> str:
   """The attention kernel a block uses.
 
-  `impl` names one kernel for all blocks or "WINDOWED/GLOBAL", one per block kind.
-  "auto": the environment variable SAMJAX_ATTENTION_IMPL if set (same syntax); else on
-  NVIDIA GPUs in bf16/fp16 the first of AUTO_GPU_PREFERENCE[kind] whose probe runs;
-  elsewhere (CPU, TPU, float32) the explicit-logits "einsum" path.
+  `impl` names one kernel for all blocks or "WINDOWED/GLOBAL", one per block kind; an
+  explicit name is used as is. "auto" tries, in order, the environment variable
+  SAMJAX_ATTENTION_IMPL (same syntax; e.g. what a benchmark found fastest on this
+  machine), then on NVIDIA GPUs in bf16/fp16 the kernels of AUTO_GPU_PREFERENCE[kind];
+  a GPU kernel is taken only where it applies (GPU, 16-bit compute) and its one-time
+  probe runs. Otherwise (CPU, TPU, float32) it is the explicit-logits "einsum" path.
   """
-  if impl == "auto" and os.environ.get("SAMJAX_ATTENTION_IMPL"):
-    impl = os.environ["SAMJAX_ATTENTION_IMPL"]  # site-wide choice, e.g. from a benchmark
-  impl = split_attention_impl(impl)[0 if windowed else 1]
-  if impl != "auto":
-    return impl
+  kind = 0 if windowed else 1
+  choice = split_attention_impl(impl)[kind]
+  if choice != "auto":
+    return choice
   if grid is None:
     side = int(round(n_tokens ** 0.5))
     grid = (side, n_tokens // side)
-  if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
-    for cand in AUTO_GPU_PREFERENCE["window" if windowed else "global"]:
-      if kernel_works(cand, n_tokens, heads, head_dim, dtype, grid):
-        return cand
+  fast_gpu = (jax.default_backend() == "gpu" and
+              jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16))
+  candidates = []
+  env = os.environ.get("SAMJAX_ATTENTION_IMPL", "").strip()
+  if env:
+    candidates.append(split_attention_impl(env)[kind])
+  if fast_gpu:
+    candidates += AUTO_GPU_PREFERENCE["window" if windowed else "global"]
+  for cand in candidates:
+    if cand in PORTABLE_IMPLS:
+      return cand
+    if cand != "auto" and fast_gpu and kernel_works(cand, n_tokens, heads, head_dim, dtype,
+                                                    grid):
+      return cand
   return "einsum"
 
 

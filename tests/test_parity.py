@@ -242,6 +242,22 @@ def test_fused_attention_formulation_matches(tiny_ckpt, tiny_params, record, imp
   assert s["max_rel"] < REL_TOL
 
 
+@pytest.mark.parametrize("project_first", [True, False])
+def test_windowed_projection_order(tiny_ckpt, tiny_params, record, project_first, monkeypatch):
+  """Both layouts of the windowed blocks (q/k/v projected before the window partition,
+  as on GPUs, or after it, as on CPUs) compute the reference function."""
+  from samjax.modeling import image_encoder as ie
+  monkeypatch.setattr(ie, "PROJECT_BEFORE_PARTITION", project_first)
+  _, _, tmodel, cfg = tiny_ckpt
+  images = _rand_images(np.random.default_rng(9), 1, cfg.image_size)
+  ref = _torch_embed(tmodel, images)
+  ours = samjax.encode_image(tiny_params, jnp.asarray(images), cfg)
+  s = parity_stats(_nchw(ours), ref)
+  order = "projected before" if project_first else "projected after"
+  record(f"image encoder, tiny, windowed q/k/v {order} partition, fp32", **s)
+  assert s["max_rel"] < REL_TOL
+
+
 def test_attention_impl_is_validated(tiny_params):
   cfg = samjax.get_config("tiny")
   images = jnp.zeros((1, cfg.image_size, cfg.image_size, 3))

@@ -166,9 +166,15 @@ def _mem_total_gib() -> Optional[float]:
 
 def _git_commit() -> Optional[str]:
   try:
+    here = os.path.dirname(os.path.abspath(__file__))
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                         text=True, timeout=5, cwd=os.path.dirname(os.path.abspath(__file__)))
-    return out.stdout.strip() or None
+                         text=True, timeout=5, cwd=here)
+    commit = out.stdout.strip() or None
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, timeout=5, cwd=here)
+    if commit and dirty.stdout.strip():
+      commit += "+uncommitted changes"  # a copied working tree: HEAD alone would mislead
+    return commit
   except Exception:  # noqa: BLE001 - no git on the benchmark machine is fine
     return None
 

@@ -62,8 +62,12 @@ def encode_image(params, images: jax.Array, config: SamConfig, dtype: Dtype = jn
     config: model config (static).
     dtype: compute dtype, e.g. jnp.bfloat16 (params stay as they are).
     valid_hw: see `normalize_images`.
-    attention_impl: "auto" (cuDNN flash attention on NVIDIA GPUs in bf16/fp16, else
-      explicit einsum attention), or force "einsum", "xla" or "cudnn".
+    attention_impl: "auto" (on NVIDIA GPUs in bf16/fp16, cuDNN flash attention with the
+      relative positions folded into q/k; elsewhere explicit einsum attention; the
+      SAMJAX_ATTENTION_IMPL environment variable can steer it), or force one of
+      "einsum", "xla", "cudnn", "fold", "fold_mla", "fold_xla", or a
+      "WINDOWED/GLOBAL" pair such as "fold/fold_mla". All compute the same function;
+      see `samjax.modeling.image_encoder.Attention`.
 
   Returns:
     (B, S/16, S/16, C) embeddings in `dtype`.

@@ -170,7 +170,7 @@ def run(ctx: Context, models: Models) -> None:
                             args.time_cap)
             if getattr(args, "profile", False):
               with guarded(ctx, SECTION, f"{vlabel} profile"):
-                from benchmarks import profile as profile_lib
+                from benchmarks import devprofile as profile_lib
                 row["profile"] = profile_lib.profile_jax(
                     lambda: fn(models.params, x_jax), ctx.args.out,
                     f"encoder_{models.name}_b{b}_{dname}_{impl.replace('/', '-')}")

@@ -14,7 +14,7 @@ import os
 import pytest
 
 from benchmarks import __main__ as bench_main
-from benchmarks import profile as profile_lib
+from benchmarks import devprofile as profile_lib
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +106,12 @@ def test_trace_summary_by_kernel_and_kind(tmp_path):
   assert k["top"][0]["name"] == "nvjet_sm90_gemm" and k["top"][0]["count_per_call"] == 1
   assert profile_lib.kind_of("cudnn-conv-bias-activation") == "convolution"
   assert profile_lib.kind_of("loop_convert_fusion_3") == "fusion/other"
+
+
+def test_no_benchmark_module_shadows_the_standard_library():
+  """`python benchmarks/x.py` puts benchmarks/ first on sys.path: a file there named like a
+  stdlib module (it happened with profile.py) breaks cProfile, and with it `import torch`."""
+  import sys
+  here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+  names = {f[:-3] for f in os.listdir(here) if f.endswith(".py")}
+  assert not names & set(sys.stdlib_module_names)

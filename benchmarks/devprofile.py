@@ -8,6 +8,10 @@ summary goes into the benchmark's JSON/markdown; the raw trace stays under
 
 On a GPU the events are the CUDA kernels on the device's streams (and, where the trace
 has it, the XLA-op line, which names the HLO fusions); on a CPU, the XLA:CPU thunks.
+
+(Not named `profile.py`: scripts in this folder run as `python benchmarks/x.py` put it
+first on sys.path, where that name would shadow the standard library's `profile`, which
+cProfile, and so torch, imports.)
 """
 
 from __future__ import annotations

@@ -252,6 +252,15 @@ def test_windowed_projection_order(tiny_ckpt, tiny_params, record, project_first
   images = _rand_images(np.random.default_rng(9), 1, cfg.image_size)
   ref = _torch_embed(tmodel, images)
   ours = samjax.encode_image(tiny_params, jnp.asarray(images), cfg)
+  # The flag really switches the path: the qkv matmul sees only the real 16x16 tokens
+  # when projecting first, and also the padded 28x28 windows when partitioning first.
+  jaxpr = jax.make_jaxpr(lambda p, x: samjax.encode_image(p, x, cfg))(
+      tiny_params, jnp.asarray(images))
+  qkv_inputs = {e.invars[0].aval.shape for e in jaxpr.jaxpr.eqns
+                if e.primitive.name == "dot_general"
+                and e.invars[1].aval.shape[-1] == 3 * cfg.encoder_embed_dim}
+  padded = any(s[1:3] == (cfg.window_size, cfg.window_size) for s in qkv_inputs)
+  assert padded == (not project_first), qkv_inputs
   s = parity_stats(_nchw(ours), ref)
   order = "projected before" if project_first else "projected after"
   record(f"image encoder, tiny, windowed q/k/v {order} partition, fp32", **s)

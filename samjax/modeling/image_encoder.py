@@ -254,9 +254,10 @@ def resolve_attention_impl(impl: str, n_tokens: int, heads: int, head_dim: int, 
 class Linear(nn.Module):
   """`nn.Dense` (same parameters, same arithmetic) that can leave the bias for later.
 
-  `Linear(f)(x, add_bias=False)` returns `(x @ kernel, bias)`: the windowed attention
-  projects only the real tokens and adds the bias after zero-padding, which reproduces
-  the reference's projection of zero padding tokens (0 @ W + b == b) without computing it.
+  `Linear(f)(x, add_bias=False)` returns `(x @ kernel, bias)`: on GPUs the windowed
+  attention projects only the real tokens and adds the bias after zero-padding, which
+  reproduces the reference's projection of zero padding tokens (0 @ W + b == b) without
+  computing it (see PROJECT_BEFORE_PARTITION).
   """
 
   features: int
@@ -299,7 +300,6 @@ class Attention(nn.Module):
   num_heads: int
   input_size: Tuple[int, int]
   window_size: int = 0
-  use_rel_pos: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str = "auto"
@@ -331,19 +331,17 @@ class Attention(nn.Module):
     hd = c // nh
     qkv = qkv.reshape(b, h * w, 3, nh, hd)  # (B, N, 3, heads, hd)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    bias_hw = None
-    if self.use_rel_pos:
-      rel_pos_h = self.param("rel_pos_h", nn.initializers.zeros,
-                             (2 * self.input_size[0] - 1, hd), self.param_dtype)
-      rel_pos_w = self.param("rel_pos_w", nn.initializers.zeros,
-                             (2 * self.input_size[1] - 1, hd), self.param_dtype)
-      rh = get_rel_pos(h, h, rel_pos_h).astype(self.dtype)  # (qh, kh, hd)
-      rw = get_rel_pos(w, w, rel_pos_w).astype(self.dtype)  # (qw, kw, hd)
-      # The reference adds q (unscaled) . R to the scaled logits.
-      r_q = q.reshape(b, h, w, nh, hd)
+    rel_pos_h = self.param("rel_pos_h", nn.initializers.zeros,
+                           (2 * self.input_size[0] - 1, hd), self.param_dtype)
+    rel_pos_w = self.param("rel_pos_w", nn.initializers.zeros,
+                           (2 * self.input_size[1] - 1, hd), self.param_dtype)
+    rh = get_rel_pos(h, h, rel_pos_h).astype(self.dtype)  # (qh, kh, hd)
+    rw = get_rel_pos(w, w, rel_pos_w).astype(self.dtype)  # (qw, kw, hd)
+    # The reference adds q (unscaled) . R to the scaled logits.
+    r_q = q.reshape(b, h, w, nh, hd)
     impl = resolve_attention_impl(self.attention_impl, h * w, nh, hd, self.dtype,
                                   windowed=self.window_size > 0, grid=(h, w))
-    if self.use_rel_pos and impl.startswith("fold"):
+    if impl.startswith("fold"):
       # Relative terms in q's own (B, N, heads, k) layout, to be folded into q/k.
       rel_h = jnp.einsum("byxnd,ykd->byxnk", r_q, rh, preferred_element_type=jnp.float32)
       rel_w = jnp.einsum("byxnd,xkd->byxnk", r_q, rw, preferred_element_type=jnp.float32)
@@ -351,26 +349,20 @@ class Attention(nn.Module):
       out = folded_rel_pos_attention(q, k, v, rel_h.reshape(b, h * w, nh, h),
                                      rel_w.reshape(b, h * w, nh, w), (h, w), hd ** -0.5, kernel)
       return out.reshape(b, h, w, c)
-    if self.use_rel_pos:
-      rel_h = jnp.einsum("byxnd,ykd->bnyxk", r_q, rh, preferred_element_type=jnp.float32)
-      rel_w = jnp.einsum("byxnd,xkd->bnyxk", r_q, rw, preferred_element_type=jnp.float32)
-      bias_hw = (rel_h, rel_w)  # (B, heads, qh, qw, kh) and (B, heads, qh, qw, kw)
-    if impl.startswith("fold"):  # no relative positions: nothing to fold
-      impl = {"fold": "cudnn", "fold_mla": "cudnn", "fold_xla": "xla"}[impl]
+    # (B, heads, qh, qw, kh) and (B, heads, qh, qw, kw)
+    rel_h = jnp.einsum("byxnd,ykd->bnyxk", r_q, rh, preferred_element_type=jnp.float32)
+    rel_w = jnp.einsum("byxnd,xkd->bnyxk", r_q, rw, preferred_element_type=jnp.float32)
     if impl == "einsum":
       logits = jnp.einsum("bqnd,bknd->bnqk", q * (hd ** -0.5), k,
                           preferred_element_type=jnp.float32)  # (B, heads, N, N)
-      if bias_hw is not None:
-        logits = logits.reshape(b, nh, h, w, h, w)
-        logits = logits + bias_hw[0][..., :, None] + bias_hw[1][..., None, :]
-        logits = logits.reshape(b, nh, h * w, h * w)
+      logits = logits.reshape(b, nh, h, w, h, w)
+      logits = logits + rel_h[..., :, None] + rel_w[..., None, :]
+      logits = logits.reshape(b, nh, h * w, h * w)
       attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
       out = jnp.einsum("bnqk,bknd->bqnd", attn, v)
     elif impl in ("xla", "cudnn"):
-      bias = None
-      if bias_hw is not None:
-        bias = (bias_hw[0][..., :, None] + bias_hw[1][..., None, :])
-        bias = bias.reshape(b, nh, h * w, h * w).astype(q.dtype)
+      bias = (rel_h[..., :, None] + rel_w[..., None, :])
+      bias = bias.reshape(b, nh, h * w, h * w).astype(q.dtype)
       out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=hd ** -0.5,
                                          implementation=impl)
     else:
@@ -395,7 +387,7 @@ class Block(nn.Module):
     shortcut = x
     x = LayerNorm(1e-6, self.dtype, self.param_dtype, name="norm1")(x)
     attn_size = self.input_size if self.window_size == 0 else (self.window_size,) * 2
-    x = Attention(self.num_heads, attn_size, self.window_size, True, self.dtype,
+    x = Attention(self.num_heads, attn_size, self.window_size, self.dtype,
                   self.param_dtype, self.attention_impl, name="attn")(x)
     x = shortcut + x
     mlp = MLPBlock(int(c * self.mlp_ratio), dtype=self.dtype, param_dtype=self.param_dtype,

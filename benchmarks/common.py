@@ -1,7 +1,7 @@
 """Shared machinery: the run context, models on both sides, timing, parity statistics.
 
 Both implementations always get the same weights (an official model with every tensor
-randomized, converted in memory with `samjax.checkpoint.params_from_state_dict`) and the
+randomized, converted in memory with `samjax.io.checkpoint.params_from_state_dict`) and the
 same inputs, in one process, on the same device, so every ratio is like for like.
 """
 
@@ -386,7 +386,8 @@ class Models:
 
 def build_models(ctx: Context, name: str) -> Models:
   import jax
-  from samjax import checkpoint, config as config_lib, reference
+  from samjax import config as config_lib, reference
+  from samjax.io import checkpoint
   t0 = time.perf_counter()
   cfg = config_lib.get_config(name)
   official = reference.randomize_(reference.build_official(cfg), seed=ctx.args.seed)
@@ -418,20 +419,16 @@ def supports_kwarg(fn, name: str) -> bool:
 
 
 def attention_impls(config, mode: PrecisionMode, requested: str) -> Optional[Dict[str, str]]:
-  """Which attention kernel samjax resolves for the global and the windowed blocks."""
+  """Which attention kernels samjax's runtime resolves for the windowed and global blocks."""
   try:
-    from samjax.modeling import image_encoder as ie
-  except Exception:  # noqa: BLE001
+    from samjax.runtime import Runtime
+  except Exception:  # noqa: BLE001  (older samjax: no runtime)
     return None
-  fn = getattr(ie, "resolve_attention_impl", None)
-  if fn is None:
-    return None
-  hd = config.encoder_embed_dim // config.encoder_num_heads
-  g = config.embedding_size
   try:
-    return {"requested": requested,
-            "global": fn(requested, g * g, config.encoder_num_heads, hd, jnp_dtype(mode)),
-            "window": fn(requested, config.window_size ** 2, config.encoder_num_heads, hd,
-                         jnp_dtype(mode), windowed=True)}
+    import jax
+    rt = Runtime(config, dtype=jnp_dtype(mode), devices=jax.devices()[:1],
+                 attention=None if requested in (None, "", "auto") else requested)
+    return {"requested": requested, "global": rt.attention.global_attn,
+            "window": rt.attention.window, "project_first": rt.attention.project_first}
   except Exception as e:  # noqa: BLE001
     return {"requested": requested, "error": f"{type(e).__name__}: {e}"[:300]}

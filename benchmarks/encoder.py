@@ -28,13 +28,19 @@ N_PROBE_POINTS = 16
 
 def _make_samjax_encoder(models: Models, mode, attention_impl: Optional[str]):
   import jax
-  from samjax.functional import encode_image
   cfg, dt = models.config, jnp_dtype(mode)
-  kw = {}
-  if attention_impl and supports_kwarg(encode_image, "attention_impl"):
-    kw["attention_impl"] = attention_impl
-  # A fresh jit per configuration, so its first call really compiles.
-  return jax.jit(lambda params, images: encode_image(params, images, cfg, dt, **kw))
+  try:
+    from samjax.runtime import Runtime
+  except ImportError:  # older samjax, for A/B runs against earlier commits
+    from samjax.functional import encode_image
+    kw = {"attention_impl": attention_impl} if attention_impl and supports_kwarg(
+        encode_image, "attention_impl") else {}
+    return jax.jit(lambda params, images: encode_image(params, images, cfg, dt, **kw))
+  rt = Runtime(cfg, dtype=dt, devices=jax.devices()[:1],
+               attention=None if attention_impl in (None, "", "auto") else attention_impl)
+  # A fresh jit per configuration, so its first call really compiles; the runtime's
+  # traceable encoder carries its resolved kernels.
+  return jax.jit(lambda params, images: rt.encoder(params, images))
 
 
 def _official_encode(ctx: Context, models: Models, x):

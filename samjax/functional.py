@@ -17,13 +17,22 @@ import jax.numpy as jnp
 
 from samjax.config import SamConfig
 from samjax.modeling import Sam, postprocess_masks, preprocess
+from samjax.modeling.attention import AttentionConfig, PerPlatform
 
 Dtype = Any
 
 
 @functools.lru_cache(maxsize=32)
-def _module(config: SamConfig, dtype, attention_impl: str = "auto") -> Sam:
-  return Sam(config, dtype=dtype, attention_impl=attention_impl)
+def _module(config: SamConfig, dtype, attention=AttentionConfig()) -> Sam:
+  return Sam(config, dtype=dtype, attention=attention)
+
+
+def _gpu_prober(config: SamConfig, dtype):
+  """The GPU kernel probe for "auto", where this process has a GPU to ask."""
+  if jax.default_backend() != "gpu":
+    return None  # lowering for a GPU elsewhere: the portable kernels are chosen
+  from samjax.runtime import kernels  # pylint: disable=import-outside-toplevel
+  return kernels.gpu_prober(config, dtype, jax.devices("gpu")[0])
 
 
 def normalize_images(images: jax.Array, config: SamConfig,
@@ -51,8 +60,8 @@ def normalize_images(images: jax.Array, config: SamConfig,
 
 
 def encode_image(params, images: jax.Array, config: SamConfig, dtype: Dtype = jnp.float32,
-                 valid_hw: Optional[jax.Array] = None, attention_impl: str = "auto"
-                 ) -> jax.Array:
+                 valid_hw: Optional[jax.Array] = None, attention="auto", *,
+                 attention_impl=None) -> jax.Array:
   """Image embeddings.
 
   Args:
@@ -62,19 +71,25 @@ def encode_image(params, images: jax.Array, config: SamConfig, dtype: Dtype = jn
     config: model config (static).
     dtype: compute dtype, e.g. jnp.bfloat16 (params stay as they are).
     valid_hw: see `normalize_images`.
-    attention_impl: "auto" (on NVIDIA GPUs in bf16/fp16, cuDNN flash attention with the
-      relative positions folded into q/k; elsewhere explicit einsum attention; the
-      SAMJAX_ATTENTION_IMPL environment variable can steer it), or force one of
-      "einsum", "xla", "cudnn", "fold", "fold_mla", "fold_xla", or a
-      "WINDOWED/GLOBAL" pair such as "fold/fold_mla". All compute the same function;
-      see `samjax.modeling.image_encoder.Attention`.
+    attention: the encoder's attention kernels (static): an `AttentionConfig`, a kernel
+      name, or a "WINDOWED/GLOBAL" pair (see `samjax.modeling.attention`; all compute
+      the same function). "auto" is resolved for the platform the program is compiled
+      for (`jax.lax.platform_dependent`): explicit einsum attention on CPUs, the
+      folded form through XLA on TPUs, cuDNN flash attention with the relative
+      positions folded into q/k on NVIDIA GPUs in bf16/fp16.
+    attention_impl: older name of `attention`.
 
   Returns:
     (B, S/16, S/16, C) embeddings in `dtype`.
   """
+  if attention_impl is not None:
+    attention = attention_impl
+  setting = AttentionConfig.parse(attention)
+  if not setting.resolved:
+    setting = PerPlatform.of(setting, dtype, _gpu_prober(config, dtype))
   x = normalize_images(images, config, valid_hw)
-  return _module(config, dtype, attention_impl).apply({"params": params}, x,
-                                                      method=Sam.embed_image)
+  module = _module(config, dtype, setting)
+  return module.apply({"params": params}, x, method=Sam.embed_image)
 
 
 def decode_masks(params, embeddings: jax.Array, points: Optional[jax.Array] = None,

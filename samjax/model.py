@@ -4,16 +4,16 @@ This is what `Predictor.model` is. It offers the reference's attributes that use
 touches (`image_encoder.img_size`, `mask_threshold`, `image_format`, `device`) and the
 batched multi-image call (`model(batched_input, multimask_output)`, alias `inference`).
 
-Compilation: every jitted function here has static shapes. Images are padded to the
-S x S frame on the host (the valid size travels as data), so encoding compiles once
-per batch-size bucket; prompt counts and prompt batches are padded to buckets
+Compilation happens in the model's `Runtime` (`samjax.runtime`), keyed by config,
+dtype, attention kernels and devices; every function here calls it at static shapes.
+Images are padded to the S x S frame on the host (the valid size travels as data), so
+encoding compiles once per batch-size bucket; prompt counts and prompt batches are padded to buckets
 (`point_bucket`, `batch_bucket`); only the final upsampling to the original image
 size compiles once per distinct original size.
 """
 
 from __future__ import annotations
 
-import functools
 import types
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from samjax import runtime as runtime_lib
+from samjax.interop import is_torch, to_numpy, to_torch_like
 from samjax.config import SamConfig
-from samjax.functional import decode_masks, encode_image, upscale_masks
 from samjax.modeling import MASK_THRESHOLD, PAD_LABEL
 
 MIN_POINT_BUCKET = 8
@@ -44,66 +45,35 @@ def batch_bucket(n: int) -> int:
   return b
 
 
-# ----------------------------------------------------------------------------------------
-# Compiled kernels (module level so every SamModel with the same config shares them).
-# ----------------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("config", "dtype"))
-def _encode(params, images, valid_hw, *, config, dtype):
-  return encode_image(params, images, config, dtype, valid_hw=valid_hw)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "multimask_output"))
-def _decode(params, embeddings, points, labels, boxes, mask_input, *, config, dtype,
-            multimask_output):
-  return decode_masks(params, embeddings, points, labels, boxes, mask_input, config=config,
-                      multimask_output=multimask_output, dtype=dtype)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "input_size", "original_size",
-                                             "return_logits"))
-def _upscale(low_res, *, config, input_size, original_size, return_logits):
-  masks = upscale_masks(low_res, input_size, original_size, config)
-  return masks if return_logits else masks > MASK_THRESHOLD
-
-
 def compiled_functions():
-  """The jitted kernels, e.g. to count compilations with `f._cache_size()`."""
-  return {"encode": _encode, "decode": _decode, "upscale": _upscale}
-
-
-# ----------------------------------------------------------------------------------------
-# Torch interop for code written against the official package (the seed examples).
-# ----------------------------------------------------------------------------------------
-def is_torch(x) -> bool:
-  return type(x).__module__.split(".")[0] == "torch"
-
-
-def to_numpy(x, dtype=None) -> Optional[np.ndarray]:
-  if x is None:
-    return None
-  if is_torch(x):
-    x = x.detach().cpu().numpy()
-  x = np.asarray(x)
-  return x.astype(dtype) if dtype is not None else x
-
-
-def to_torch_like(x, like_torch: bool):
-  if not like_torch:
-    return x
-  import torch
-  return torch.from_numpy(np.array(x))
+  """The jitted functions (the runtime's), e.g. to count compilations."""
+  return runtime_lib.compiled_functions()
 
 
 class SamModel:
-  """A loaded SAM: config, params (on device) and compute dtype."""
+  """A loaded SAM: config, params (on device), compute dtype and attention kernels.
+
+  Args:
+    config: model config.
+    params: SAM params.
+    dtype: compute dtype.
+    attention: encoder attention kernels (see `samjax.modeling.attention`); None =
+      SAMJAX_ATTENTION_IMPL or "auto", resolved for the device.
+    device: the JAX device to run on (default: the first local device).
+  """
 
   mask_threshold: float = MASK_THRESHOLD
   image_format: str = "RGB"
 
-  def __init__(self, config: SamConfig, params, dtype=jnp.float32):
+  def __init__(self, config: SamConfig, params, dtype=jnp.float32, attention=None,
+               device: Optional[jax.Device] = None):
     self.config = config
-    self.params = params
     self.dtype = jnp.dtype(dtype)
+    #: The setting as requested (other runtimes built from this model re-resolve it).
+    self.attention_request = attention
+    self.runtime = runtime_lib.Runtime(config, dtype=self.dtype, attention=attention,
+                                       devices=[device or jax.local_devices()[0]])
+    self.params = self.runtime.place(params)
     self.image_encoder = types.SimpleNamespace(img_size=config.image_size)
     self.prompt_encoder = types.SimpleNamespace(
         input_image_size=(config.image_size, config.image_size),
@@ -127,8 +97,7 @@ class SamModel:
     if bb != b:
       images = np.concatenate([images, np.zeros((bb - b, *images.shape[1:]), images.dtype)])
       valid_hw = np.concatenate([valid_hw, np.tile(valid_hw[-1:], (bb - b, 1))])
-    emb = _encode(self.params, jnp.asarray(images), jnp.asarray(valid_hw, jnp.int32),
-                  config=self.config, dtype=self.dtype)
+    emb = self.runtime.encode(self.params, images, valid_hw)
     return emb[:b]
 
   def encode_resized(self, images: Sequence[np.ndarray]) -> jax.Array:
@@ -162,16 +131,14 @@ class SamModel:
       labels = np.concatenate([labels, np.full((b, nb - n), PAD_LABEL, np.int32)], 1)
     args = [pad_b(x) for x in (points, labels, boxes, mask_input)]
     args = [None if x is None else jnp.asarray(x) for x in args]
-    low_res, iou = _decode(self.params, embeddings, *args, config=self.config, dtype=self.dtype,
-                           multimask_output=bool(multimask_output))
+    low_res, iou = self.runtime.decode(self.params, embeddings, *args,
+                                       multimask_output=multimask_output)
     return low_res[:b], iou[:b]
 
   def postprocess_masks(self, low_res, input_size, original_size, return_logits=True):
     """Low-res logits -> original-size logits (or bool masks if not return_logits)."""
-    return _upscale(jnp.asarray(low_res), config=self.config,
-                    input_size=tuple(int(v) for v in input_size),
-                    original_size=tuple(int(v) for v in original_size),
-                    return_logits=return_logits)
+    return self.runtime.upscale(jnp.asarray(low_res), input_size, original_size,
+                                return_logits)
 
   def preprocess(self, x):
     """(3, h, w) or (h, w, 3) image -> normalised, padded (S, S, 3) float32 (reference-style)."""

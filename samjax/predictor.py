@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from samjax.config import SamConfig
-from samjax.model import (SamModel, check_batched_prompts, check_finite, is_torch, to_numpy,
-                          to_torch_like)
+from samjax.interop import is_torch, to_numpy, to_torch_like
+from samjax.io.images import check_rgb_image
+from samjax.model import SamModel, check_batched_prompts, check_finite
 from samjax.transforms import ResizeLongestSide
 
 
@@ -29,15 +30,16 @@ def _default_flag(use_default_sam_h, use_default_sam_l, use_default_sam_b) -> Op
 
 
 def load_model(model=None, checkpoint=None, model_type=None, dtype=jnp.float32,
-               use_default_sam_h=False, use_default_sam_l=False, use_default_sam_b=False
-               ) -> SamModel:
+               use_default_sam_h=False, use_default_sam_l=False, use_default_sam_b=False,
+               attention=None) -> SamModel:
   """Resolves the many ways of naming a model into a SamModel.
 
   `model` may be a SamModel, a Predictor, or a path (Orbax dir or official .pth);
   `checkpoint` a path; the `use_default_sam_*` flags or `model_type` alone mean the
-  official weights (downloaded once, verified, cached).
+  official weights (downloaded once, verified, cached). `attention` sets the encoder's
+  kernels of a newly loaded model (see `SamModel`).
   """
-  from samjax import checkpoint as ckpt_lib, pretrained
+  from samjax.io import checkpoint as ckpt_lib, pretrained
   if isinstance(model, SamModel):
     return model
   if hasattr(model, "model") and isinstance(getattr(model, "model"), SamModel):
@@ -51,7 +53,7 @@ def load_model(model=None, checkpoint=None, model_type=None, dtype=jnp.float32,
     name = default or model_type or pretrained.DEFAULT_MODEL
     checkpoint = pretrained.fetch(name)
   config, params = ckpt_lib.load_any(checkpoint, model_type=model_type)
-  return SamModel(config, params, dtype=dtype)
+  return SamModel(config, params, dtype=dtype, attention=attention)
 
 
 class Predictor:
@@ -60,32 +62,37 @@ class Predictor:
   Args:
     model: a SamModel, an Orbax checkpoint dir or an official `.pth` path. When None,
       the official weights named by `use_default_sam_h/l/b` (default ViT-H) are
-      downloaded once and cached (see `samjax.pretrained`).
+      downloaded once and cached (see `samjax.io.pretrained`).
     dtype: compute dtype (jnp.float32 or jnp.bfloat16); params stay float32.
+    attention: encoder attention kernels (a name, "WINDOWED/GLOBAL" or an
+      `AttentionConfig`; default SAMJAX_ATTENTION_IMPL or "auto"), see
+      `samjax.modeling.attention`.
     device: accepted for compatibility with the official/seed signatures and ignored:
       JAX runs on its default device.
   """
 
   def __init__(self, model=None, *, checkpoint=None, model_type=None, dtype=jnp.float32,
                use_default_sam_h: bool = False, use_default_sam_l: bool = False,
-               use_default_sam_b: bool = False, device: Any = None):
+               use_default_sam_b: bool = False, device: Any = None, attention=None):
     del device
     self.model = load_model(model, checkpoint, model_type, dtype, use_default_sam_h,
-                            use_default_sam_l, use_default_sam_b)
+                            use_default_sam_l, use_default_sam_b, attention=attention)
     self.transform = ResizeLongestSide(self.model.config.image_size)
     self.reset_image()
 
   # -------------------------------------------------------------------- constructors
   @classmethod
-  def from_checkpoint(cls, path, dtype=jnp.float32, model_type=None) -> "Predictor":
+  def from_checkpoint(cls, path, dtype=jnp.float32, model_type=None, attention=None
+                      ) -> "Predictor":
     """From a samjax Orbax checkpoint dir or an official `.pth` (converted in memory)."""
-    return cls(checkpoint=path, dtype=dtype, model_type=model_type)
+    return cls(checkpoint=path, dtype=dtype, model_type=model_type, attention=attention)
 
   @classmethod
-  def from_pretrained(cls, name: str = "vit_h", dtype=jnp.float32) -> "Predictor":
+  def from_pretrained(cls, name: str = "vit_h", dtype=jnp.float32, attention=None
+                      ) -> "Predictor":
     """Official weights ("vit_b", "vit_l", "vit_h"): downloaded, verified, cached."""
-    from samjax import pretrained
-    return cls(checkpoint=pretrained.fetch(name), dtype=dtype)
+    from samjax.io import pretrained
+    return cls(checkpoint=pretrained.fetch(name), dtype=dtype, attention=attention)
 
   @property
   def config(self) -> SamConfig:
@@ -106,15 +113,7 @@ class Predictor:
     """Computes the embedding of an HxWx3 uint8 image (RGB unless image_format="BGR")."""
     if image_format not in ("RGB", "BGR"):
       raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
-    image = to_numpy(image)
-    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[-1] != 3:
-      raise ValueError(f"set_image expects an HxWx3 uint8 image, got "
-                       f"{getattr(image, 'shape', type(image))} {getattr(image, 'dtype', '')}")
-    if image.dtype != np.uint8:
-      raise ValueError(f"set_image expects a uint8 image (0..255), got dtype {image.dtype}; "
-                       "convert with (img * 255).astype(np.uint8) if it is 0..1 floats")
-    if image.shape[0] == 0 or image.shape[1] == 0:
-      raise ValueError(f"set_image got an empty image of shape {image.shape}")
+    image = check_rgb_image(image, "set_image")
     if image_format != self.model.image_format:
       image = image[..., ::-1]
     resized = self.transform.apply_image(image)

@@ -1,10 +1,13 @@
 """Bilinear resizing that matches `torch.nn.functional.interpolate(mode="bilinear",
 align_corners=False)` (no antialiasing, even when shrinking).
 
-`jax.image.resize` antialiases when downsampling, which the reference does not do, so
-we use PyTorch's source-index formula directly: `resize_bilinear` gathers the two taps
-per axis; `interp_matrix` gives the same map as a dense (out, in) matrix, which the
-automatic mask generator composes into one operator per axis.
+`jax.image.resize(..., "linear", antialias=False)` computes the same map (equal to
+PyTorch up to float32 rounding), but through dense per-axis weight matrices: for the
+final upsampling of masks to the original image (3 x 256 x 256 -> 1200 x 1800) it took
+167 ms on a 2-core CPU against 33 ms for gathering the two taps per axis with
+PyTorch's own float32 source-index formula, which `resize_bilinear` does.
+`interp_matrix` gives the same map as a dense (out, in) matrix, which the automatic
+mask generator composes into one operator per axis.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ def tiny_ckpt(tmp_path_factory):
   """(pth path, orbax dir, official torch model, config) for the tiny config, seed 1."""
   import samjax
   from samjax import reference
-  from samjax.checkpoint import convert_checkpoint
+  from samjax.io.checkpoint import convert_checkpoint
   d = tmp_path_factory.mktemp("tiny")
   pth = d / "sam_tiny_random.pth"
   model = reference.save_random_checkpoint(samjax.tiny, pth, seed=1)
@@ -35,7 +35,7 @@ def tiny_ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_params(tiny_ckpt):
-  from samjax.checkpoint import load_params
+  from samjax.io.checkpoint import load_params
   return load_params(tiny_ckpt[1])[1]
 
 

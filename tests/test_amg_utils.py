@@ -1,4 +1,4 @@
-"""Parity of `samjax.amg_utils` with `segment_anything.utils.amg` and torchvision NMS.
+"""Parity of `samjax.amg.utils` with `segment_anything.utils.amg` and torchvision NMS.
 
 Integer outputs (boxes, RLEs, crop boxes, keep indices) must match exactly; float
 outputs (stability scores, point grids) match exactly too, since both sides perform
@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
 amg = pytest.importorskip("segment_anything.utils.amg")
 
-from samjax import amg_utils as A  # noqa: E402
+from samjax.amg import utils as A  # noqa: E402
 
 
 def _blob_masks(rng, n, h, w, n_blobs=3):

@@ -40,8 +40,8 @@ import pytest
 import torch
 
 import samjax
-from samjax import amg_utils
-from samjax.automatic import (AutomaticMaskGenerator, SAMAutomaticMaskGenerator,
+from samjax.amg import utils as amg_utils
+from samjax.amg.generator import (AutomaticMaskGenerator, SAMAutomaticMaskGenerator,
                               SamAutomaticMaskGenerator, compiled_functions, nms_host,
                               size_bucket)
 from samjax.predictor import load_model
@@ -91,7 +91,7 @@ def _holes_islands(s):
 def synthetic_decode(params, emb, points, labels, config, dtype):
   """Prompt-centred blobs (3 nested sizes) with holes and islands; smooth in the point.
 
-  Same signature as `samjax.automatic.sam_decode`. Shape, steepness (hence stability
+  Same signature as `samjax.amg.generator.sam_decode`. Shape, steepness (hence stability
   score) and predicted IoU vary smoothly with the point, so masks from neighbouring
   points overlap (NMS has work) and some masks pass each filter. A small image term
   from the embedding makes masks depend on the image (and the crop) as well.
@@ -275,7 +275,7 @@ def trained():
   if not os.path.exists(TRAINED):
     pytest.skip("no trained tiny checkpoint at tests/fixtures/tiny_trained")
   from samjax import reference
-  from samjax.checkpoint import load_any, state_dict_from_params
+  from samjax.io.checkpoint import load_any, state_dict_from_params
   try:
     config, params = load_any(TRAINED)
   except Exception as e:  # pylint: disable=broad-except
@@ -419,7 +419,7 @@ def test_multi_device_equals_single_device(tiny_ckpt, tiny_model, tmp_path):
       jax.config.update("jax_default_matmul_precision", "highest")
       sys.path.insert(0, {os.path.dirname(__file__)!r})
       from test_automatic import _image
-      from samjax.automatic import AutomaticMaskGenerator
+      from samjax.amg.generator import AutomaticMaskGenerator
       from samjax.predictor import load_model
       assert len(jax.devices()) == 4, jax.devices()
       gen = AutomaticMaskGenerator(load_model({str(tiny_ckpt[1])!r}), **{kw!r})
@@ -510,7 +510,7 @@ def test_nms_host_matches_torchvision():
 def test_banded_operators_are_exact(model_size, low_res):
   """Blocks + windows reproduce the composed official resize, whatever the crop size
   within a bucket (`band_width` is a bound, checked inside `_banded_operator` too)."""
-  from samjax.automatic import _axis_operator, _banded_operator, _bucket_step, band_width
+  from samjax.amg.kernels import _axis_operator, _banded_operator, _bucket_step, band_width
   from samjax.resize import interp_matrix
   from samjax.transforms import ResizeLongestSide
   tr = ResizeLongestSide(model_size)
@@ -541,7 +541,7 @@ def test_banded_operators_are_exact(model_size, low_res):
 
 def test_model_frame_points_embed_like_upstream():
   """float32 (p + 0.5) * (1 / S) of our points == float32((p64 + 0.5) / S) upstream."""
-  from samjax.automatic import model_frame_points
+  from samjax.amg.kernels import model_frame_points
   rng = np.random.default_rng(0)
   for s in (256, 1024):
     p = rng.uniform(0, s, 100000)

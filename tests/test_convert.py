@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import samjax
-from samjax import checkpoint as ck
+from samjax.io import checkpoint as ck
 from samjax import reference
 
 
@@ -176,7 +176,7 @@ def test_corrupt_orbax_checkpoint(tiny_ckpt, tmp_path):
 def test_torch_free_reader_matches_torch_and_refuses_code(tiny_ckpt, tmp_path, monkeypatch):
   """Without torch installed, .pth files are read by samjax's allow-list unpickler."""
   import sys
-  from samjax import torchfile
+  from samjax.io import torchfile
   ref = {k: v.numpy() for k, v in torch.load(tiny_ckpt[0], weights_only=True).items()}
   ours = torchfile.load_state_dict(tiny_ckpt[0])
   assert set(ours) == set(ref)

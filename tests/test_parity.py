@@ -207,7 +207,7 @@ def test_bf16_compute(tiny_ckpt, tiny_params, record):
 def test_image_encoder_vit_b_full_size(tmp_path, record):
   """The real ViT-B shapes: 1024x1024 input, 64x64 tokens padded to 70x70 windows."""
   from samjax import reference
-  from samjax.checkpoint import convert_checkpoint, load_params
+  from samjax.io.checkpoint import convert_checkpoint, load_params
   torch.set_num_threads(max(1, torch.get_num_threads()))
   pth = tmp_path / "sam_vit_b_random.pth"
   tmodel = reference.save_random_checkpoint(samjax.vit_b, pth, seed=7)
@@ -243,18 +243,19 @@ def test_fused_attention_formulation_matches(tiny_ckpt, tiny_params, record, imp
 
 
 @pytest.mark.parametrize("project_first", [True, False])
-def test_windowed_projection_order(tiny_ckpt, tiny_params, record, project_first, monkeypatch):
+def test_windowed_projection_order(tiny_ckpt, tiny_params, record, project_first):
   """Both layouts of the windowed blocks (q/k/v projected before the window partition,
   as on GPUs, or after it, as on CPUs) compute the reference function."""
-  from samjax.modeling import image_encoder as ie
-  monkeypatch.setattr(ie, "PROJECT_BEFORE_PARTITION", project_first)
+  from samjax.modeling.attention import AttentionConfig
+  setting = AttentionConfig("einsum", "einsum", project_first)
   _, _, tmodel, cfg = tiny_ckpt
   images = _rand_images(np.random.default_rng(9), 1, cfg.image_size)
   ref = _torch_embed(tmodel, images)
-  ours = samjax.encode_image(tiny_params, jnp.asarray(images), cfg)
-  # The flag really switches the path: the qkv matmul sees only the real 16x16 tokens
-  # when projecting first, and also the padded 28x28 windows when partitioning first.
-  jaxpr = jax.make_jaxpr(lambda p, x: samjax.encode_image(p, x, cfg))(
+  ours = samjax.encode_image(tiny_params, jnp.asarray(images), cfg, attention=setting)
+  # The setting really switches the path: the qkv matmul sees only the real 16x16
+  # tokens when projecting first, and also the padded 28x28 windows when partitioning
+  # first.
+  jaxpr = jax.make_jaxpr(lambda p, x: samjax.encode_image(p, x, cfg, attention=setting))(
       tiny_params, jnp.asarray(images))
   qkv_inputs = {e.invars[0].aval.shape for e in jaxpr.jaxpr.eqns
                 if e.primitive.name == "dot_general"
@@ -267,37 +268,27 @@ def test_windowed_projection_order(tiny_ckpt, tiny_params, record, project_first
   assert s["max_rel"] < REL_TOL
 
 
-def test_attention_impl_is_validated(tiny_params):
+def test_attention_setting_is_validated(tiny_params):
   cfg = samjax.get_config("tiny")
   images = jnp.zeros((1, cfg.image_size, cfg.image_size, 3))
-  for bad in ("flash", "cudnn/xla/einsum", "/xla"):
-    with pytest.raises(ValueError, match="attention_impl"):
-      samjax.encode_image(tiny_params, images, cfg, attention_impl=bad)
+  for bad in ("flash", "cudnn/xla/einsum", "/xla", 3):
+    with pytest.raises(ValueError, match="attention"):
+      samjax.encode_image(tiny_params, images, cfg, attention=bad)
 
 
-def test_auto_attention_is_portable_off_gpu():
-  from samjax.modeling import image_encoder as ie
-  if jax.default_backend() == "gpu":
-    pytest.skip("checks the non-GPU choice")
-  for windowed in (False, True):
-    assert ie.resolve_attention_impl("auto", 196, 4, 24, jnp.bfloat16, windowed) == "einsum"
-  assert ie.resolve_attention_impl("einsum/xla", 196, 4, 24, jnp.float32, True) == "einsum"
-  assert ie.resolve_attention_impl("einsum/xla", 4096, 4, 24, jnp.float32, False) == "xla"
-  assert ie.fold_qk_dim(80, (64, 64)) == 208 and ie.fold_qk_dim(80, (14, 14)) == 112
-
-
-def test_attention_env_override(monkeypatch):
-  """SAMJAX_ATTENTION_IMPL steers "auto", but a GPU-only kernel is never forced onto a
-  backend or dtype it cannot run (float32 here, or no GPU): auto falls back instead."""
-  from samjax.modeling import image_encoder as ie
-  monkeypatch.setenv("SAMJAX_ATTENTION_IMPL", "fold_mla")
-  assert ie.resolve_attention_impl("auto", 4096, 4, 24, jnp.float32, False) == "einsum"
-  if jax.default_backend() != "gpu":
-    assert ie.resolve_attention_impl("auto", 4096, 4, 24, jnp.bfloat16, False) == "einsum"
-  assert ie.resolve_attention_impl("xla", 4096, 4, 24, jnp.float32, False) == "xla"
-  monkeypatch.setenv("SAMJAX_ATTENTION_IMPL", "einsum/fold_xla")
-  assert ie.resolve_attention_impl("auto", 196, 4, 24, jnp.float32, True) == "einsum"
-  assert ie.resolve_attention_impl("auto", 4096, 4, 24, jnp.float32, False) == "fold_xla"
-  monkeypatch.setenv("SAMJAX_ATTENTION_IMPL", "nonsense")
-  with pytest.raises(ValueError, match="attention_impl"):
-    ie.resolve_attention_impl("auto", 196, 4, 24, jnp.float32, True)
+def test_auto_attention_per_platform():
+  """"auto" is resolved for the platform the program is compiled for."""
+  from samjax.modeling import attention as A
+  auto = A.AttentionConfig()
+  for dt in (jnp.float32, jnp.bfloat16):
+    assert A.resolve(auto, "cpu", dt) == A.AttentionConfig("einsum", "einsum", False)
+    assert A.resolve(auto, "tpu", dt) == A.AttentionConfig(*A.AUTO_TPU, False)
+  assert A.resolve(auto, "gpu", jnp.float32) == A.AttentionConfig("einsum", "einsum", True)
+  # No GPU to probe (lowering from a CPU host): the portable folded kernel.
+  assert A.resolve(auto, "cuda", jnp.bfloat16).global_attn == "fold_xla"
+  # With a probe, the measured preference order, skipping what does not run.
+  runs = lambda k, windowed: k == "fold" or (k == "cudnn" and windowed)
+  assert A.resolve(auto, "gpu", jnp.bfloat16, runs) == A.AttentionConfig("fold", "fold", True)
+  assert A.resolve(A.AttentionConfig.parse("einsum/auto"), "gpu", jnp.bfloat16, runs) == \
+      A.AttentionConfig("einsum", "fold", True)
+  assert A.fold_qk_dim(80, (64, 64)) == 208 and A.fold_qk_dim(80, (14, 14)) == 112

@@ -15,8 +15,8 @@ import torch
 
 import samjax
 from samjax import model as model_lib
-from samjax import pretrained
-from samjax.checkpoint import sha256_file
+from samjax.io import pretrained
+from samjax.io.checkpoint import sha256_file
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,8 @@ import torch
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from samjax import pretrained  # noqa: E402
-from samjax.checkpoint import sha256_file  # noqa: E402
+from samjax.io import pretrained  # noqa: E402
+from samjax.io.checkpoint import sha256_file  # noqa: E402
 
 HERE = Path(__file__).parent
 EXAMPLES = sorted((HERE / "seed_examples").glob("ex*.py"))

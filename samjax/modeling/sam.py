@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from samjax.config import SamConfig
+from samjax.modeling.attention import AttentionConfig
 from samjax.modeling.image_encoder import ImageEncoderViT
 from samjax.modeling.mask_decoder import MaskDecoder
 from samjax.modeling.prompt_encoder import PromptEncoder
@@ -31,7 +32,7 @@ class Sam(nn.Module):
   config: SamConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  attention_impl: str = "auto"  # image encoder attention kernel, see image_encoder.Attention
+  attention: Any = AttentionConfig()  # image encoder kernels, see modeling.attention
 
   def setup(self):
     cfg = self.config
@@ -41,7 +42,7 @@ class Sam(nn.Module):
         depth=cfg.encoder_depth, num_heads=cfg.encoder_num_heads, mlp_ratio=cfg.mlp_ratio,
         out_chans=cfg.prompt_embed_dim, window_size=cfg.window_size,
         global_attn_indexes=tuple(cfg.encoder_global_attn_indexes),
-        attention_impl=self.attention_impl, **kw)
+        attention=self.attention, **kw)
     e = cfg.embedding_size
     self.prompt_encoder = PromptEncoder(
         embed_dim=cfg.prompt_embed_dim, image_embedding_size=(e, e),

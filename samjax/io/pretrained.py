@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Dict
 
-from samjax.checkpoint import METADATA_FILE, PARAMS_DIR, convert_checkpoint, sha256_file
+from samjax.io.checkpoint import METADATA_FILE, PARAMS_DIR, convert_checkpoint, sha256_file
 
 
 @dataclasses.dataclass(frozen=True)

@@ -94,7 +94,7 @@ def _generic_rule(path: str, ndim: int) -> Tuple[str, str]:
 
 def param_shapes(config: SamConfig) -> Dict[str, Tuple[int, ...]]:
   """Flat {flax path: shape} of the model's parameters, without allocating them."""
-  from samjax.modeling import Sam  # local: keeps `samjax.checkpoint` light to import
+  from samjax.modeling import Sam  # local: keeps `samjax.io.checkpoint` light to import
   model = Sam(config)
   s, e = config.image_size, config.low_res_mask_size
 
@@ -172,7 +172,7 @@ def _to_numpy(x) -> np.ndarray:
 # ----------------------------------------------------------------------------------------
 def load_torch_state_dict(path: str | os.PathLike) -> Dict[str, np.ndarray]:
   """Reads an official `.pth` safely: `torch.load(weights_only=True)` when torch is
-  installed, else samjax's own allow-list reader (`samjax.torchfile`). Never runs code
+  installed, else samjax's own allow-list reader (`samjax.io.torchfile`). Never runs code
   from the file."""
   path = Path(path)
   if not path.exists():
@@ -191,7 +191,7 @@ def load_torch_state_dict(path: str | os.PathLike) -> Dict[str, np.ndarray]:
     if torch is not None:
       obj = torch.load(str(path), map_location="cpu", weights_only=True)
     else:  # samjax's own allow-list reader: same safety, no torch needed
-      from samjax import torchfile
+      from samjax.io import torchfile
       obj = torchfile.load_state_dict(path)
   except pickle.UnpicklingError as e:
     raise CheckpointError(

@@ -1,0 +1,1 @@
+"""Automatic mask generation: host orchestration (generator), exact building blocks (utils)."""

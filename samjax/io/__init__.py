@@ -1,0 +1,1 @@
+"""Reading and writing files: checkpoints, the .pth reader, pretrained downloads."""

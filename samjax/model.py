@@ -29,8 +29,19 @@ from samjax.modeling import MASK_THRESHOLD, PAD_LABEL
 MIN_POINT_BUCKET = 8
 
 
+#: Above this many slots, point buckets grow linearly (multiples of it) instead of
+#: doubling: the decoder's token attention costs slots^2, so doubling 10,000 points to
+#: 16,384 slots would need 2.7x the memory of the points themselves.
+LINEAR_POINT_BUCKET = 64
+
+
 def point_bucket(n: int) -> int:
-  """Padded number of point slots: 8, 16, 32, ... (1..8 points share one compilation)."""
+  """Padded number of point slots: 8, 16, 32, 64, then multiples of 64.
+
+  1..8 points share one compilation; large prompts waste fewer than 64 slots.
+  """
+  if n > LINEAR_POINT_BUCKET:
+    return -(-n // LINEAR_POINT_BUCKET) * LINEAR_POINT_BUCKET
   b = MIN_POINT_BUCKET
   while b < n:
     b *= 2
@@ -127,6 +138,11 @@ class SamModel:
     if points is not None:
       n = points.shape[1]
       nb = point_bucket(n)
+      self._check_decoder_memory(bb, nb + 2)
+      # The official embeds every label other than -1/0/1 by its position only, as
+      # label 2 is here; PAD_LABEL (-2) marks our padding slots, so a user's label is
+      # never taken for padding.
+      labels = np.where(np.isin(labels, (-1, 0, 1)), labels, 2).astype(np.int32)
       points = np.concatenate([points, np.zeros((b, nb - n, 2), np.float32)], 1)
       labels = np.concatenate([labels, np.full((b, nb - n), PAD_LABEL, np.int32)], 1)
     args = [pad_b(x) for x in (points, labels, boxes, mask_input)]
@@ -134,6 +150,22 @@ class SamModel:
     low_res, iou = self.runtime.decode(self.params, embeddings, *args,
                                        multimask_output=multimask_output)
     return low_res[:b], iou[:b]
+
+  def _check_decoder_memory(self, prompts: int, tokens: int) -> None:
+    """A clear error, before compiling, for prompts whose attention cannot fit.
+
+    The decoder's token self-attention holds (prompts, heads, T, T) float32 scores
+    (plus the softmax of them) per layer, with T = point slots + output tokens.
+    """
+    cfg = self.config
+    t = tokens + cfg.num_multimask_outputs + 2
+    need = 2 * prompts * cfg.decoder_num_heads * t * t * 4
+    have = runtime_lib.mesh.device_memory_bytes(self.runtime.mesh.devices.flat[0])
+    if need > 0.6 * have:
+      raise ValueError(
+          f"{prompts} prompt(s) of {tokens - 2} point slots need about {need / 2**30:.1f} "
+          f"GiB for the decoder's attention, more than 60% of the {have / 2**30:.1f} GiB "
+          "this device has; use fewer points per prompt or fewer prompts per call")
 
   def postprocess_masks(self, low_res, input_size, original_size, return_logits=True):
     """Low-res logits -> original-size logits (or bool masks if not return_logits)."""

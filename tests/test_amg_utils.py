@@ -340,6 +340,31 @@ def test_box_nms_large_n_vanilla_path():
   np.testing.assert_array_equal(np.flatnonzero(np.asarray(keep)), np.sort(ref))
 
 
+@pytest.mark.parametrize("ties", [False, True])
+def test_box_nms_row_path_equals_dense_path(monkeypatch, ties):
+  """Above NMS_DENSE_MAX boxes the IoU rows are computed as needed (memory O(N), not
+  N^2): the same kept set and order as the dense matrix, bit for bit."""
+  rng = np.random.default_rng(21 + ties)
+  n = 900
+  boxes = _random_boxes(rng, n, span=300)
+  scores = ((rng.integers(0, 4, n) / 3) if ties else rng.random(n)).astype(np.float32)
+  valid = rng.random(n) > 0.1
+  dense = _nms(boxes, scores, valid, iou_threshold=0.6)
+  monkeypatch.setattr(A, "NMS_DENSE_MAX", 16)
+  rows = _nms(boxes, scores, valid, iou_threshold=0.6)
+  for a, b in zip(dense, rows):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The row path never builds an (N, N) array.
+  jaxpr = jax.make_jaxpr(lambda b, s, v: A.box_nms(b, s, 0.6, valid_mask=v))(
+      jnp.asarray(boxes), jnp.asarray(scores), jnp.asarray(valid))
+  shapes = {tuple(v.aval.shape) for e in jaxpr.jaxpr.eqns for v in e.outvars}
+  for sub in jaxpr.jaxpr.eqns:
+    for p in sub.params.values():
+      if hasattr(p, "jaxpr"):
+        shapes |= {tuple(v.aval.shape) for e in p.jaxpr.eqns for v in e.outvars}
+  assert (n, n) not in shapes
+
+
 def test_box_nms_float_boxes():
   rng = np.random.default_rng(12)
   n = 300

@@ -52,6 +52,7 @@ from samjax.io.images import check_rgb_image
 from samjax.masks import encode_rle, mask_to_box
 from samjax.modeling import MASK_THRESHOLD
 from samjax.runtime import Runtime
+from samjax.runtime.mesh import device_memory_bytes
 from samjax.transforms import ResizeLongestSide
 
 __all__ = ["AutomaticMaskGenerator", "SamAutomaticMaskGenerator", "SAMAutomaticMaskGenerator",
@@ -114,6 +115,26 @@ def nms_host(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.
       iou = inter / ((areas[i] + areas[rest]) - inter)
       suppressed[rest[iou.astype(np.float64) > iou_threshold]] = True
   return np.asarray(keep, np.int64)
+
+
+class _CropMask:
+  """A kept mask of one crop, pasted into the image frame on demand."""
+
+  __slots__ = ("masks_t", "index", "box", "image_hw")
+
+  def __init__(self, masks_t: np.ndarray, index: int, box, image_hw):
+    self.masks_t, self.index, self.box, self.image_hw = masks_t, index, box, image_hw
+
+  def full(self) -> np.ndarray:
+    """(H, W) bool, a transposed view of a (W, H) C-contiguous buffer."""
+    m = self.masks_t[self.index]
+    img_h, img_w = self.image_hw
+    if m.shape == (img_w, img_h):
+      return m.T
+    x0, y0, x1, y1 = self.box
+    out = np.zeros((img_w, img_h), bool)
+    out[x0:x1, y0:y1] = m
+    return out.T
 
 
 class _Crop:
@@ -335,8 +356,10 @@ class AutomaticMaskGenerator:
     for c in crops:
       n_batches = -(-len(c.points) // self.points_per_batch)
       groups.setdefault((n_batches,) + c.bucket, []).append(c)
-    per_call = self.num_devices * self.crops_per_device
-    calls = [g[i:i + per_call] for g in groups.values() for i in range(0, len(g), per_call)]
+    calls = []
+    for (n_batches, *_), g in groups.items():
+      per_call = self.num_devices * self._crops_per_device_that_fit(n_batches, g)
+      calls += [g[i:i + per_call] for i in range(0, len(g), per_call)]
     # Three-stage pipeline: while the host post-processes call k-2, the device runs
     # call k; call k-1's scalars decide its survivor upsampling.
     dispatched, upsampling = collections.deque(), collections.deque()
@@ -351,6 +374,38 @@ class AutomaticMaskGenerator:
     while upsampling:
       self._collect(upsampling.popleft())
 
+  def _device_batch(self, n_batches: int, crops: List[_Crop]) -> int:
+    """Prompt slots per decoder call on the device.
+
+    Upstream's batches of `points_per_batch` points; a single batch is only as wide as
+    the points it holds (rounded up to a power of two, at least 64, so that a huge
+    `points_per_batch` does not make the device decode padding).
+    """
+    if n_batches > 1:
+      return self.points_per_batch
+    most = max(len(c.points) for c in crops)
+    return min(self.points_per_batch, max(64, _pow2_ceil(most)))
+
+  def _crops_per_device_that_fit(self, n_batches: int, crops: List[_Crop]) -> int:
+    """Crops per device per call whose low-res logits fit the device; else a clear error.
+
+    The crop pipeline keeps every mask's (L, L) float32 low-res logits of a call on the
+    device (the survivors are upsampled from them), 3 masks per prompt slot.
+    """
+    lr = self.config.low_res_mask_size
+    per_crop = n_batches * self._device_batch(n_batches, crops) * 3 * lr * lr * 4
+    budget = int(0.6 * device_memory_bytes(self.runtime.mesh.devices.flat[0]))
+    for k in range(self.crops_per_device, 0, -1):
+      if k * per_crop <= budget:
+        return k
+    raise ValueError(
+        f"these generator settings need {per_crop / 2**30:.1f} GiB of low-res logits per "
+        f"crop on the device ({n_batches * self._device_batch(n_batches, crops)} prompt "
+        f"slots x 3 masks x {lr}x{lr} float32), more than 60% of the "
+        f"{device_memory_bytes(self.runtime.mesh.devices.flat[0]) / 2**30:.1f} GiB "
+        f"available; lower points_per_side (now {self.points_per_side}) or pass fewer "
+        "point_grids points")
+
   def _dispatch_stats(self, crops: List[_Crop]) -> Dict[str, Any]:
     cfg = self.config
     s, lr = cfg.image_size, cfg.low_res_mask_size
@@ -360,7 +415,7 @@ class AutomaticMaskGenerator:
     padded = crops + [crops[-1]] * (b - len(crops))
     n_batches = -(-len(crops[0].points) // self.points_per_batch)
     hb, wb = crops[0].bucket
-    ppb = self.points_per_batch
+    ppb = self._device_batch(n_batches, crops)
     images = np.zeros((b, s, s, 3), np.uint8)
     valid_hw = np.zeros((b, 2), np.int32)
     points = np.zeros((b, n_batches * ppb, 2), np.float32)
@@ -431,10 +486,11 @@ class AutomaticMaskGenerator:
       h, w = c.hw
       x0, y0, x1, y1 = c.box
       img_h, img_w = c.image_hw
-      # Masks in the image frame, stored transposed, (k, W, H) C-contiguous: each
-      # mask's column-major flattening (the RLE order) is then contiguous.
-      full = (h, w) == (img_h, img_w)
-      full_t = (np.empty if full else np.zeros)((k, img_w, img_h), bool)
+      # Masks in the crop frame, stored transposed, (k, w, h) C-contiguous: each
+      # mask's column-major flattening (the RLE order) is then contiguous. They are
+      # pasted into the image frame only for the masks that survive to the records
+      # (`_CropMasks.full`), so memory follows the crop sizes, not crops x image.
+      crop_t = np.empty((k, w, h), bool)
       for j, chunk in enumerate(packed):
         start = j * chunk.shape[1]
         if start >= k:
@@ -442,10 +498,10 @@ class AutomaticMaskGenerator:
         part = chunk[i, :k - start, :w]
         if self._pack_masks:
           part = np.unpackbits(part, axis=-1, count=h).view(bool)
-        full_t[start:start + len(part), x0:x1, y0:y1] = part[:, :, :h]
+        crop_t[start:start + len(part)] = part[:, :, :h]
       n_batches = -(-len(c.points) // self.points_per_batch)
       c.result = {
-          "masks_t": full_t,
+          "masks_t": crop_t,
           "boxes": sc["boxes"][i][kept].astype(np.int64) + np.array([x0, y0, x0, y0]),
           "iou_preds": sc["iou"][i][kept],
           "stability_score": sc["stability"][i][kept],
@@ -466,8 +522,9 @@ class AutomaticMaskGenerator:
     crops = sorted(crops, key=lambda c: c.crop_index)
     res = [c.result for c in crops]
     counts = [len(r["masks_t"]) for r in res]
-    # (H, W) views, column-major like upstream's `rle_to_mask` output.
-    masks = [m.T for r in res for m in r["masks_t"]]
+    # Lazy (H, W) masks in the image frame, column-major like upstream's `rle_to_mask`.
+    masks = [_CropMask(r["masks_t"], j, c.box, c.image_hw)
+             for c, r in zip(crops, res) for j in range(len(r["masks_t"]))]
     float_boxes = any(r["float_boxes"] for r in res)
     boxes = np.concatenate([r["boxes"] for r in res]).astype(
         np.float32 if float_boxes else np.int64)
@@ -491,12 +548,14 @@ class AutomaticMaskGenerator:
       points, crop_boxes = points[keep], crop_boxes[keep]
 
     if self.min_mask_region_area > 0 and masks:
-      keep, masks, boxes = self._postprocess_small_regions(masks, boxes)
+      keep, masks, boxes = self._postprocess_small_regions([m.full() for m in masks], boxes)
       iou_preds, stability = iou_preds[keep], stability[keep]
       points, crop_boxes = points[keep], crop_boxes[keep]
 
     records = []
     for i, mask in enumerate(masks):
+      if isinstance(mask, _CropMask):
+        mask = mask.full()  # one at a time: RLE outputs never hold all full masks
       if self.output_mode == "coco_rle":
         seg = encode_rle(mask)
       elif self.output_mode == "binary_mask":

@@ -448,21 +448,33 @@ def _strict_threshold_f32(thr: float) -> np.float32:
   return t
 
 
-def pairwise_box_iou(boxes: jax.Array) -> jax.Array:
-  """(N, N) IoU of XYXY boxes with torchvision's float32 formula.
+def pairwise_box_iou(boxes: jax.Array, others: Optional[jax.Array] = None) -> jax.Array:
+  """(N, M) IoU of XYXY boxes (against `others`, default themselves), torchvision's
+  float32 formula.
 
   area = (x1 - x0) * (y1 - y0) (no +1), inter = max(0, w) * max(0, h),
   iou = inter / ((area_i + area_j) - inter). Degenerate pairs give NaN (0 / 0).
+  Every entry is computed by the same elementwise float32 operations, so a row computed
+  alone equals that row of the full matrix bit for bit.
   """
   boxes = boxes.astype(jnp.float32)
+  others = boxes if others is None else others.astype(jnp.float32)
   x0, y0, x1, y1 = (boxes[:, k] for k in range(4))
+  u0, v0, u1, v1 = (others[:, k] for k in range(4))
   area = (x1 - x0) * (y1 - y0)
-  w = jnp.maximum(0.0, jnp.minimum(x1[:, None], x1[None, :])
-                  - jnp.maximum(x0[:, None], x0[None, :]))
-  h = jnp.maximum(0.0, jnp.minimum(y1[:, None], y1[None, :])
-                  - jnp.maximum(y0[:, None], y0[None, :]))
+  area_o = (u1 - u0) * (v1 - v0)
+  w = jnp.maximum(0.0, jnp.minimum(x1[:, None], u1[None, :])
+                  - jnp.maximum(x0[:, None], u0[None, :]))
+  h = jnp.maximum(0.0, jnp.minimum(y1[:, None], v1[None, :])
+                  - jnp.maximum(y0[:, None], v0[None, :]))
   inter = w * h
-  return inter / ((area[:, None] + area[None, :]) - inter)
+  return inter / ((area[:, None] + area_o[None, :]) - inter)
+
+
+#: Above this many boxes `box_nms` computes each kept box's IoU row when it is needed
+#: instead of the whole (N, N) matrix up front: memory O(N) instead of N^2 (4096 boxes
+#: -> 16 MiB of bool overlaps; 100,000 -> 10 GB), work O(kept * N) instead of O(N^2).
+NMS_DENSE_MAX = 4096
 
 
 def box_nms(boxes: jax.Array, scores: jax.Array, iou_threshold: Union[float, jax.Array],
@@ -505,11 +517,17 @@ def box_nms(boxes: jax.Array, scores: jax.Array, iou_threshold: Union[float, jax
   _, _, visit = lax.sort(((~valid).astype(jnp.int32), neg_scores, iota), num_keys=3)
   valid_sorted = valid[visit]
 
-  iou = pairwise_box_iou(boxes[visit])
+  sorted_boxes = boxes[visit]
   if isinstance(iou_threshold, (float, int, np.floating, np.integer)):
-    overlaps = iou > _strict_threshold_f32(float(iou_threshold))
+    thr = _strict_threshold_f32(float(iou_threshold))
   else:
-    overlaps = iou > jnp.asarray(iou_threshold, jnp.float32)
+    thr = jnp.asarray(iou_threshold, jnp.float32)
+  if n <= NMS_DENSE_MAX:
+    overlaps = pairwise_box_iou(sorted_boxes) > thr
+    overlap_row = lambda i: overlaps[i]
+  else:
+    overlap_row = lambda i: pairwise_box_iou(
+        lax.dynamic_slice_in_dim(sorted_boxes, i, 1), sorted_boxes)[0] > thr
 
   limit = n if max_keep is None else int(max_keep)
 
@@ -524,7 +542,7 @@ def box_nms(boxes: jax.Array, scores: jax.Array, iou_threshold: Union[float, jax
     i = jnp.argmax(alive)
     kept = kept.at[i].set(True)
     # Clear i explicitly: a zero-area box has NaN self-IoU and would not clear itself.
-    alive = (alive & ~overlaps[i]).at[i].set(False)
+    alive = (alive & ~overlap_row(i)).at[i].set(False)
     return alive, kept, count + 1
 
   _, kept_sorted, _ = lax.while_loop(

@@ -8,6 +8,7 @@ split along their leading axis.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional, Sequence
 
 import jax
@@ -65,3 +66,17 @@ def pad_to_multiple(x: np.ndarray, multiple: int, axis: int = 0) -> np.ndarray:
     shape[axis] = target
     return np.zeros(shape, x.dtype)
   return np.take(x, idx, axis=axis)
+
+
+def device_memory_bytes(device: jax.Device) -> int:
+  """Memory a computation on `device` may use: the accelerator's limit, or host RAM."""
+  try:
+    stats = device.memory_stats() or {}
+  except Exception:  # pylint: disable=broad-except  (unsupported on this backend)
+    stats = {}
+  if stats.get("bytes_limit"):
+    return int(stats["bytes_limit"])
+  try:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (ValueError, OSError, AttributeError):
+    return 1 << 40

@@ -1,1 +1,1 @@
-"""Checkpoint conversion scripts (thin wrappers over `samjax.checkpoint`)."""
+"""Checkpoint conversion scripts (thin wrappers over `samjax.io.checkpoint`)."""

@@ -19,19 +19,16 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
+from samjax.interop import to_numpy
+from samjax.io.images import check_rgb_image
+from samjax.masks import segmentation_to_mask
+
 # The official notebooks' colours, so figures look the same as upstream ones.
 _MASK_RGBA = np.array([30 / 255, 144 / 255, 255 / 255, 0.6])
 _POS_RGB = (0, 255, 0)
 _NEG_RGB = (255, 0, 0)
 _BOX_RGB = (0, 255, 0)
 _WHITE = (255, 255, 255)
-
-
-def _to_numpy(x: Any) -> np.ndarray:
-  """np.asarray that also accepts torch tensors (possibly on GPU / requiring grad)."""
-  if hasattr(x, "detach") and hasattr(x, "cpu"):
-    x = x.detach().cpu()
-  return np.asarray(x)
 
 
 # ---------------------------------------------------------------------- matplotlib
@@ -51,7 +48,7 @@ def show_mask(mask: Any, ax: Any, random_color: bool = False,
   Returns:
     The AxesImage that was added.
   """
-  m = _to_numpy(mask)
+  m = to_numpy(mask)
   h, w = m.shape[-2:]
   if m.size != h * w:
     raise ValueError(f"show_mask draws a single mask, got shape {m.shape}")
@@ -73,8 +70,8 @@ def show_points(coords: Any, labels: Any, ax: Any, marker_size: float = 375) -> 
     ax: matplotlib Axes.
     marker_size: matplotlib scatter size in points^2.
   """
-  coords = _to_numpy(coords).reshape(-1, 2)
-  labels = _to_numpy(labels).reshape(-1)
+  coords = to_numpy(coords).reshape(-1, 2)
+  labels = to_numpy(labels).reshape(-1)
   if len(labels) != len(coords):
     raise ValueError(f"got {len(coords)} points but {len(labels)} labels")
   for value, color in ((1, "green"), (0, "red")):
@@ -87,7 +84,7 @@ def show_box(box: Any, ax: Any) -> Any:
   """Draws one XYXY box (pixels) as a green outline on `ax`; returns the patch."""
   from matplotlib.patches import Rectangle
 
-  x0, y0, x1, y1 = (float(v) for v in _to_numpy(box).reshape(4))
+  x0, y0, x1, y1 = (float(v) for v in to_numpy(box).reshape(4))
   return ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, edgecolor="green",
                                 facecolor=(0, 0, 0, 0), lw=2))
 
@@ -138,16 +135,6 @@ def _palette(n: int, seed: int) -> np.ndarray:
   return np.round(np.array(cols, dtype=np.float64).reshape(n, 3) * 255).astype(np.uint8)
 
 
-def _check_image(image: Any) -> np.ndarray:
-  img = _to_numpy(image)
-  if img.dtype != np.uint8 or not (img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 3)):
-    raise ValueError("overlay expects a uint8 RGB image of shape (H, W, 3) (or (H, W) "
-                     f"grey); got dtype {img.dtype} and shape {img.shape}")
-  if img.ndim == 2:
-    img = np.repeat(img[:, :, None], 3, axis=2)
-  return np.ascontiguousarray(img).copy()
-
-
 def _stack_masks(masks: Any, hw: Tuple[int, int]) -> np.ndarray:
   """Returns (N, H, W) bool. Non-bool masks are thresholded at > 0 (SAM logits)."""
   if masks is None:
@@ -155,8 +142,8 @@ def _stack_masks(masks: Any, hw: Tuple[int, int]) -> np.ndarray:
   if isinstance(masks, (list, tuple)):
     if len(masks) == 0:
       return np.zeros((0,) + hw, bool)
-    masks = np.stack([_to_numpy(m) for m in masks])
-  m = _to_numpy(masks)
+    masks = np.stack([to_numpy(m) for m in masks])
+  m = to_numpy(masks)
   if m.ndim < 2 or m.shape[-2:] != hw:
     raise ValueError(f"masks must have shape (..., {hw[0]}, {hw[1]}) to match the "
                      f"image, got {m.shape}")
@@ -189,7 +176,8 @@ def overlay(image: Any, masks: Any = None, points: Any = None, labels: Any = Non
   Returns:
     New uint8 (H, W, 3) RGB image; `image` is not modified.
   """
-  img = _check_image(image)
+  # A fresh C-contiguous copy: OpenCV draws into it in place.
+  img = np.array(check_rgb_image(image, "overlay", allow_gray=True), order="C")
   hw = img.shape[:2]
   if not 0.0 <= alpha <= 1.0:
     raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -209,14 +197,14 @@ def overlay(image: Any, masks: Any = None, points: Any = None, labels: Any = Non
     cv2.drawContours(img, contours, -1, tuple(int(c) for c in color), lw)
 
   if boxes is not None:
-    for x0, y0, x1, y1 in _to_numpy(boxes).reshape(-1, 4).astype(np.float64):
+    for x0, y0, x1, y1 in to_numpy(boxes).reshape(-1, 4).astype(np.float64):
       cv2.rectangle(img, (int(round(x0)), int(round(y0))), (int(round(x1)), int(round(y1))),
                     _BOX_RGB, lw + 1)
 
   if points is not None:
-    pts = _to_numpy(points).reshape(-1, 2).astype(np.float64)
+    pts = to_numpy(points).reshape(-1, 2).astype(np.float64)
     labs = (np.ones(len(pts), np.int64) if labels is None
-            else _to_numpy(labels).reshape(-1).astype(np.int64))
+            else to_numpy(labels).reshape(-1).astype(np.int64))
     if len(labs) != len(pts):
       raise ValueError(f"got {len(pts)} points but {len(labs)} labels")
     radius = max(3, 3 * lw + 2)
@@ -234,12 +222,7 @@ def overlay(image: Any, masks: Any = None, points: Any = None, labels: Any = Non
 def _ann_mask(ann: Dict[str, Any]) -> np.ndarray:
   """The bool (H, W) mask of an annotation (bool array or COCO RLE)."""
   seg = ann["segmentation"]
-  if isinstance(seg, dict):  # output_mode="coco_rle" / "uncompressed_rle"
-    from pycocotools import mask as mask_utils
-    if isinstance(seg.get("counts"), list):
-      seg = mask_utils.frPyObjects(seg, *seg["size"])
-    return mask_utils.decode(seg).astype(bool)
-  return _to_numpy(seg).astype(bool)
+  return segmentation_to_mask(seg if isinstance(seg, dict) else to_numpy(seg))
 
 
 def _sorted_by_area(anns: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:

@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
+from samjax.io.files import TEMP_PREFIX
+
 GEN = ["--points-per-side", "6", "--points-per-batch", "16", "--pred-iou-thresh", "0",
        "--stability-score-thresh", "0", "--no-progress", "--num-workers", "2"]
 
@@ -139,7 +141,7 @@ def test_killed_job_resumes_and_finishes_each_image_once(tiny_ckpt, tmp_path):
       m = mask_utils.decode(a["segmentation"])
       assert m.shape == (rec["image"]["height"], rec["image"]["width"])
       assert int(m.sum()) == a["area"]
-  assert not list(out.rglob("*.tmp*"))
+  assert not list(out.rglob(TEMP_PREFIX + "*"))  # Killed writes' leftovers were removed.
 
 
 def test_broken_files_are_listed_and_the_job_finishes(tiny_ckpt, tmp_path):

@@ -18,10 +18,12 @@ import time
 import cv2
 import numpy as np
 import pytest
-from PIL import Image
 from pycocotools import mask as mask_utils
 
 from samjax import bulk
+from samjax.cli import automask
+from samjax.io import files
+from samjax.io.images import BadImageError, load_image
 
 # pycocotools' decode trips a NumPy 2 deprecation warning that is not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -124,7 +126,7 @@ def check_output(json_path: str, image_path: str) -> None:
   assert bulk.is_valid_output(json_path)
   with open(json_path) as f:
     record = json.load(f)
-  img = bulk.load_image(image_path)
+  img = load_image(image_path)
   h, w = img.shape[:2]
   assert record["image"]["file_name"] == os.path.basename(image_path)
   assert record["image"]["path"] == os.path.abspath(image_path)
@@ -242,79 +244,6 @@ def test_output_paths_unique_and_stable(tmp_path):
   assert o1 != o2 and os.path.basename(o1) == "cat.jpg.json"
 
 
-# ------------------------------------------------------------------------- loading
-
-
-def _cv2_reference(path: str) -> np.ndarray:
-  """What the official scripts/amg.py feeds the model."""
-  return cv2.cvtColor(cv2.imread(path), cv2.COLOR_BGR2RGB)
-
-
-def test_load_image_conversions_match_cv2_imread(tmp_path):
-  rgb = make_image(0)
-  cases = {
-      "rgb.png": rgb,
-      "rgb.jpg": rgb,
-      "gray.png": make_image(1, channels=1),
-      "rgba.png": np.dstack([rgb, make_image(2, channels=1)]),
-      "deep.png": make_image(3).astype(np.uint16) * 257 + 100,
-      "deep_gray.tif": make_image(4, channels=1).astype(np.uint16) * 250,
-      "pic.bmp": rgb,
-      "pic.webp": rgb,
-  }
-  for name, arr in cases.items():
-    path = write(tmp_path / name, arr)
-    img = bulk.load_image(path)
-    assert img.dtype == np.uint8 and img.shape == (40, 56, 3) and img.flags.c_contiguous, name
-    np.testing.assert_array_equal(img, _cv2_reference(path), err_msg=name)
-  np.testing.assert_array_equal(bulk.load_image(tmp_path / "rgba.png"), rgb[:, :, ::-1])
-  gray = bulk.load_image(tmp_path / "gray.png")
-  assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
-
-  # Grey + alpha (written by Pillow, OpenCV cannot write LA).
-  la = np.dstack([make_image(5, channels=1), make_image(6, channels=1)])
-  Image.fromarray(la, mode="LA").save(tmp_path / "la.png")
-  img = bulk.load_image(tmp_path / "la.png")
-  np.testing.assert_array_equal(img, np.repeat(la[:, :, :1], 3, axis=2))
-
-  # EXIF orientation 6 (rotate 90 degrees clockwise), as cv2.imread applies it.
-  pil = Image.fromarray(rgb)
-  exif = pil.getexif()
-  exif[0x0112] = 6
-  pil.save(tmp_path / "rotated.jpg", exif=exif.tobytes())
-  img = bulk.load_image(tmp_path / "rotated.jpg")
-  assert img.shape == (56, 40, 3)
-  np.testing.assert_array_equal(img, _cv2_reference(str(tmp_path / "rotated.jpg")))
-  assert bulk.load_image(tmp_path / "rotated.jpg", exif_orientation=False).shape == (40, 56, 3)
-
-
-def test_load_image_bad_files(tmp_path):
-  good = write(tmp_path / "good.jpg", make_image(0))
-  data = open(good, "rb").read()
-  (tmp_path / "empty.png").write_bytes(b"")
-  (tmp_path / "garbage.jpg").write_bytes(np.random.default_rng(0).bytes(2000))
-  (tmp_path / "half.jpg").write_bytes(data[:len(data) // 2])
-  (tmp_path / "no_eoi.jpg").write_bytes(data[:-2])
-  (tmp_path / "text.jpg").write_text("this is a text file\n" * 20)
-  (tmp_path / "trailing.jpg").write_bytes(data + b"appended data" * 10)
-  cases = {
-      "empty.png": "zero-size",
-      "garbage.jpg": "unreadable",
-      "half.jpg": "truncated",
-      "no_eoi.jpg": "truncated",
-      "text.jpg": "unreadable",
-      "missing.png": "does not exist",
-  }
-  for name, reason in cases.items():
-    with pytest.raises(bulk.BadImageError, match=reason) as info:
-      bulk.load_image(tmp_path / name)
-    assert reason in info.value.reason, name
-  with pytest.raises(bulk.BadImageError, match="too large"):
-    bulk.load_image(good, max_pixels=40 * 56 - 1)
-  assert bulk.load_image(good, max_pixels=40 * 56).shape == (40, 56, 3)
-  assert bulk.load_image(tmp_path / "trailing.jpg").shape == (40, 56, 3)  # Data after EOI is fine.
-
-
 # ---------------------------------------------------------------------------- the job
 
 
@@ -364,7 +293,7 @@ def test_mixed_folder_finishes_and_lists_failures(tmp_path):
     json_path = bulk.output_path_for(path, [data], out)
     check_output(json_path, path)
     overlay = cv2.imread(json_path[:-len(".json")] + ".png")
-    assert overlay.shape == bulk.load_image(path).shape
+    assert overlay.shape == load_image(path).shape
     assert tuple(overlay[0, 0]) == (0, 0, 255)  # Painted RGB red, stored as BGR.
   assert len(json_files(out)) == len(good)
   assert len(overlay_calls) == len(good) and all(d == [bool, bool] for d in overlay_calls)
@@ -375,7 +304,7 @@ def test_mixed_folder_finishes_and_lists_failures(tmp_path):
 def test_resume_after_kill_does_each_image_exactly_once(tmp_path):
   data = tmp_path / "data"
   good = good_folder(data, 7)
-  keys = {image_key(bulk.load_image(p)): p for p in good}
+  keys = {image_key(load_image(p)): p for p in good}
   assert len(keys) == len(good)
   out = data / "out"  # Inside the input folder: overlay PNGs must not become inputs.
 
@@ -394,7 +323,7 @@ def test_resume_after_kill_does_each_image_exactly_once(tmp_path):
 
   # A kill during a write leaves a temporary file next to a missing output.
   todo = sorted(set(bulk.output_path_for(p, [data], out) for p in good) - finished)
-  partial = todo[0] + ".4242.deadbeef.tmp"
+  partial = files.temp_path_for(todo[0])
   with open(partial, "w") as f:
     f.write('{"image": {"image_id": 1, "file_na')
 
@@ -404,7 +333,7 @@ def test_resume_after_kill_does_each_image_exactly_once(tmp_path):
   total = first.completed + second.completed
   assert set(total) == set(keys) and set(total.values()) == {1}
   assert not os.path.exists(partial)
-  assert not [f for _, _, fs in os.walk(out) for f in fs if f.endswith(".tmp")]
+  assert not [f for _, _, fs in os.walk(out) for f in fs if f.startswith(files.TEMP_PREFIX)]
   for path in good:
     check_output(bulk.output_path_for(path, [data], out), path)
 
@@ -417,7 +346,7 @@ def test_resume_after_kill_does_each_image_exactly_once(tmp_path):
   third = FakeGenerator()
   summary = job(third)
   assert (summary.done, summary.skipped) == (1, 6)
-  assert dict(third.completed) == {image_key(bulk.load_image(good[2])): 1}
+  assert dict(third.completed) == {image_key(load_image(good[2])): 1}
   check_output(victim, good[2])
 
   # Nothing left to do: the generator is never called.
@@ -430,7 +359,7 @@ def test_generator_error_is_isolated_to_one_image(tmp_path):
   data = tmp_path / "data"
   good = good_folder(data, 5)
   poison = bulk.list_inputs([data])[2]
-  gen = FakeGenerator(fail_keys=[image_key(bulk.load_image(poison))])
+  gen = FakeGenerator(fail_keys=[image_key(load_image(poison))])
   out = tmp_path / "out"
   summary = quiet_job([data], out, gen, batch_size=5)
   assert (summary.done, summary.failed, summary.exit_code) == (4, 1, 1)
@@ -552,7 +481,7 @@ def test_prefetch_loader_memory_is_bounded(batch_size, prefetch):
     seen.extend(p for p, _ in batch)
     for p, result in batch:
       if p.endswith("007.png"):
-        assert isinstance(result, bulk.BadImageError) and "decoder bug" in result.reason
+        assert isinstance(result, BadImageError) and "decoder bug" in result.reason
       else:
         assert isinstance(result, np.ndarray)
     time.sleep(0.01)  # The device is busy; decoding runs ahead meanwhile.
@@ -577,30 +506,44 @@ def test_prefetch_loader_memory_is_bounded(batch_size, prefetch):
 
 
 def test_cli_arguments_and_run_automask(tmp_path, monkeypatch):
+  from samjax.amg.options import AmgOptions
   data = tmp_path / "data"
   good = good_folder(data, 3)
   out = tmp_path / "out"
-  parser = bulk.add_automask_arguments(argparse.ArgumentParser())
+  parser = automask.add_arguments(argparse.ArgumentParser())
   args = parser.parse_args([str(data), "--out", str(out)])
   assert (args.model, args.checkpoint, args.dtype, args.batch_size) == ("vit_h", None, "float32", 1)
+  assert args.attention is None  # SAMJAX_ATTENTION_IMPL, else "auto".
   assert not (args.overlays or args.no_progress or args.distributed)
-  kwargs = bulk.generator_kwargs_from_args(args)
-  assert kwargs == {
+  # The defaults are AmgOptions' (the official generator's), except the output mode.
+  assert automask.options_from_args(args) == AmgOptions(output_mode="coco_rle")
+  assert automask.options_from_args(args).to_kwargs() == {
       "points_per_side": 32, "points_per_batch": 64, "pred_iou_thresh": 0.88,
       "stability_score_thresh": 0.95, "stability_score_offset": 1.0, "box_nms_thresh": 0.7,
       "crop_n_layers": 0, "crop_nms_thresh": 0.7, "crop_overlap_ratio": 512 / 1500,
-      "crop_n_points_downscale_factor": 1, "min_mask_region_area": 0, "output_mode": "coco_rle",
+      "crop_n_points_downscale_factor": 1, "point_grids": None, "min_mask_region_area": 0,
+      "output_mode": "coco_rle",
   }
   with pytest.raises(SystemExit):
     parser.parse_args([str(data)])  # --out is required.
+  with pytest.raises(SystemExit):
+    parser.parse_args([str(data), "--out", str(out), "--points-per-side", "0"])
+  with pytest.raises(SystemExit):
+    parser.parse_args([str(data), "--out", str(out), "--attention", "not a kernel"])
+  # Flags valid alone but not together fail before any work.
+  bad = parser.parse_args([str(data), "--out", str(out), "--points-per-side", "2",
+                           "--crop-n-layers", "2", "--crop-n-points-downscale-factor", "2"])
+  with pytest.raises(ValueError, match="crop layer 2 would get no points"):
+    automask.run_automask(bad, lambda a: pytest.fail("generator built"))
 
   args = parser.parse_args([
       str(data), "--out", str(out), "--model", "vit_b", "--points-per-side", "16",
       "--crop-n-layers", "1", "--batch-size", "2", "--no-progress", "--overlays",
-      "--dtype", "bfloat16", "--distributed", "--coordinator-address", "10.0.0.1:1234",
-      "--num-processes", "1", "--process-id", "0"])
-  assert bulk.generator_kwargs_from_args(args)["points_per_side"] == 16
-  assert bulk.generator_kwargs_from_args(args)["crop_n_layers"] == 1
+      "--dtype", "bfloat16", "--attention", "fold/fold_mla", "--distributed",
+      "--coordinator-address", "10.0.0.1:1234", "--num-processes", "1", "--process-id", "0"])
+  options = automask.options_from_args(args)
+  assert (options.points_per_side, options.crop_n_layers) == (16, 1)
+  assert args.attention == "fold/fold_mla"
 
   import jax
   init_calls = []
@@ -610,17 +553,17 @@ def test_cli_arguments_and_run_automask(tmp_path, monkeypatch):
   class Generator:
 
     def __init__(self, a):
-      made.append(bulk.generator_kwargs_from_args(a))
+      made.append(automask.options_from_args(a))
       self.generate_batch = FakeGenerator()
 
-  summary = bulk.run_automask(args, Generator, overlay_fn=lambda image, anns: image)
+  summary = automask.run_automask(args, Generator, overlay_fn=lambda image, anns: image)
   assert init_calls == [{"coordinator_address": "10.0.0.1:1234", "num_processes": 1,
                          "process_id": 0}]
-  assert made[0]["points_per_side"] == 16
+  assert made[0].points_per_side == 16
   assert (summary.done, summary.exit_code) == (3, 0)
   for path in good:
     check_output(bulk.output_path_for(path, [data], out), path)
 
   args = parser.parse_args([str(data), "--out", str(out), "--process-id", "1"])
   with pytest.raises(ValueError, match="--distributed"):
-    bulk.run_automask(args, Generator)
+    automask.run_automask(args, Generator)

@@ -114,6 +114,22 @@ def test_overlay_anns_orders_by_area_and_decodes_rle():
   rle_anns = [{"segmentation": rle, "area": 100}, {"segmentation": big, "area": 2500}]
   np.testing.assert_array_equal(viz.overlay_anns(img, rle_anns, alpha=1.0), out)
   np.testing.assert_array_equal(viz.overlay_anns(img, []), img)
+  # output_mode="uncompressed_rle" draws the same.
+  flat = small.ravel(order="F").astype(np.int8)
+  bounds = np.concatenate([[0], np.flatnonzero(np.diff(flat)) + 1, [flat.size]])
+  un_anns = [{"segmentation": {"size": [60, 60], "counts": np.diff(bounds).tolist()},
+              "area": 100}, {"segmentation": big, "area": 2500}]
+  np.testing.assert_array_equal(viz.overlay_anns(img, un_anns, alpha=1.0), out)
+
+
+def test_overlay_takes_torch_tensors():
+  torch = pytest.importorskip("torch")
+  img, masks = _image(), _masks()
+  want = viz.overlay(img, masks, points=[[20, 30]], boxes=[10, 15, 80, 90])
+  got = viz.overlay(torch.from_numpy(img), torch.from_numpy(masks).requires_grad_(False),
+                    points=torch.tensor([[20.0, 30.0]], requires_grad=True),
+                    boxes=torch.tensor([10, 15, 80, 90]))
+  np.testing.assert_array_equal(got, want)
 
 
 def test_matplotlib_helpers_headless():

@@ -47,7 +47,8 @@ class AmgOptions:
                                                   cli=False)
   min_mask_region_area: float = _field(0, "fill holes and remove islands smaller than this "
                                        "many pixels (OpenCV), then NMS again")
-  output_mode: str = _field("binary_mask", "binary_mask, uncompressed_rle or coco_rle")
+  output_mode: str = _field("binary_mask", "binary_mask, uncompressed_rle or coco_rle",
+                            cli=False)  # the bulk job always writes coco_rle
 
   def __post_init__(self):
     def integer(name, minimum):

@@ -28,6 +28,9 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from samjax.io.files import atomic_write
+from samjax.masks import encode_rle, rle_area, rle_bbox, segmentation_to_mask
+
 CATEGORIES: List[Dict[str, Any]] = [
     {"id": 1, "name": "ellipse", "supercategory": "shape"},
     {"id": 2, "name": "polygon", "supercategory": "shape"},
@@ -222,18 +225,6 @@ def mask_to_polygons(mask: np.ndarray) -> List[List[float]]:
   return polys
 
 
-def _rle_encode(mask: np.ndarray) -> Dict[str, Any]:
-  from pycocotools import mask as mask_utils
-  rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-  rle["counts"] = rle["counts"].decode("ascii")  # bytes are not JSON-serialisable.
-  return rle
-
-
-def _decode_polygons(polys: List[List[float]], h: int, w: int) -> np.ndarray:
-  from pycocotools import mask as mask_utils
-  return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polys, h, w))).astype(bool)
-
-
 def write_coco_dataset(out_dir: str, num_images: int, seed: int,
                        size: Union[int, Sequence[int]] = 256, rle: bool = False,
                        max_objects: int = 6, min_area: int = 30) -> str:
@@ -254,8 +245,6 @@ def write_coco_dataset(out_dir: str, num_images: int, seed: int,
   Returns:
     Path of the written `annotations.json`.
   """
-  from pycocotools import mask as mask_utils
-
   if num_images < 0:
     raise ValueError(f"num_images must be >= 0, got {num_images}")
   image_dir = os.path.join(out_dir, "images")
@@ -271,11 +260,11 @@ def write_coco_dataset(out_dir: str, num_images: int, seed: int,
     Image.fromarray(image).save(os.path.join(image_dir, file_name))
     images.append({"id": image_id, "file_name": file_name, "height": h, "width": w})
     for m, cat in zip(masks, cats):
-      exact_rle = _rle_encode(m)
+      exact_rle = encode_rle(m)
       seg: Any = exact_rle
       if not rle:
         polys = mask_to_polygons(m)
-        if polys and np.array_equal(_decode_polygons(polys, h, w), m):
+        if polys and np.array_equal(segmentation_to_mask(polys, (h, w)), m):
           seg = polys
       annotations.append({
           "id": len(annotations) + 1,
@@ -283,8 +272,8 @@ def write_coco_dataset(out_dir: str, num_images: int, seed: int,
           "category_id": int(cat),
           "segmentation": seg,
           # Pixel-exact area and tight XYWH box of the visible pixels.
-          "area": int(mask_utils.area(exact_rle)),
-          "bbox": [float(v) for v in mask_utils.toBbox(exact_rle)],
+          "area": rle_area(exact_rle),
+          "bbox": rle_bbox(exact_rle),
           "iscrowd": 0,
       })
   dataset = {
@@ -296,8 +285,7 @@ def write_coco_dataset(out_dir: str, num_images: int, seed: int,
       "categories": CATEGORIES,
   }
   ann_path = os.path.join(out_dir, "annotations.json")
-  with open(ann_path, "w") as f:
-    json.dump(dataset, f)
+  atomic_write(ann_path, json.dumps(dataset))
   return ann_path
 
 

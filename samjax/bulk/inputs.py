@@ -1,0 +1,260 @@
+"""The job's inputs: listing files, folders and list files; sharding; decoding ahead.
+
+Listing is deterministic (sorted absolute paths), so every process of a multi-process
+job computes the same list and takes a disjoint strided share of it. Decoding runs
+in threads ahead of the generator, with a bound on how many images are alive.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import os
+import warnings
+from typing import Callable, Iterable, Iterator, Sequence, Union
+
+import numpy as np
+
+from samjax.io.images import DEFAULT_MAX_PIXELS, BadImageError, load_image
+from samjax.io.prefetch import prefetch_map
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+
+PathLike = Union[str, "os.PathLike[str]"]
+LoadResult = Union[np.ndarray, BadImageError]
+
+
+# ----------------------------------------------------------------------------- listing
+
+
+def _has_image_ext(path: str) -> bool:
+  return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
+
+
+def is_under(path: str, root: str) -> bool:
+  """Whether absolute `path` is `root` or lies inside it (both normalized)."""
+  return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _is_under_any(path: str, roots: Sequence[str]) -> bool:
+  return any(is_under(path, r) for r in roots)
+
+
+def _warn_walk_error(err: OSError) -> None:
+  # An unreadable sub-folder should not abort listing a large tree, but the user
+  # must hear about it.
+  warnings.warn(f"samjax.bulk: cannot list {err.filename!r}: {err.strerror}",
+                stacklevel=2)
+
+
+def _walk_images(root: str, excluded: Sequence[str]) -> Iterator[str]:
+  """Yields image files under `root`, recursively.
+
+  Hidden entries (names starting with ".") are skipped: in practice they are
+  AppleDouble "._x.jpg" stubs, checkpoint folders and the like, never real inputs.
+  """
+  for dirpath, dirnames, filenames in os.walk(root, onerror=_warn_walk_error):
+    dirnames[:] = sorted(
+        d for d in dirnames
+        if not d.startswith(".") and not _is_under_any(os.path.join(dirpath, d), excluded))
+    for name in filenames:
+      if not name.startswith(".") and _has_image_ext(name):
+        yield os.path.join(dirpath, name)
+
+
+def _read_list_file(path: str) -> list[str]:
+  """Absolute entries of a text file listing one path per line.
+
+  Blank lines and lines whose first non-blank character is "#" are ignored;
+  relative entries are resolved against the list file's folder.
+  """
+  try:
+    with open(path, "rb") as f:
+      raw = f.read()
+  except OSError as e:
+    raise ValueError(f"cannot read list file {path!r}: {e.strerror or e}") from e
+  if b"\0" in raw:
+    raise ValueError(f"{path!r} has no image extension ({', '.join(sorted(IMAGE_EXTENSIONS))}) "
+                     "and is not a text file listing paths")
+  try:
+    text = raw.decode("utf-8-sig")
+  except UnicodeDecodeError as e:
+    raise ValueError(f"list file {path!r} is not UTF-8 text: {e}") from e
+  base = os.path.dirname(path)
+  entries = []
+  for line in text.splitlines():
+    line = line.strip()
+    if not line or line.startswith("#"):
+      continue
+    entries.append(os.path.abspath(os.path.join(base, os.path.expanduser(line))))
+  return entries
+
+
+def collect_inputs(inputs: Iterable[PathLike], exclude_dirs: Sequence[PathLike] = ()
+                   ) -> tuple[list[str], list[str]]:
+  """(sorted images, sorted folders named in `inputs`): `list_inputs` and `input_roots`
+  at once, from one walk."""
+  excluded = [os.path.abspath(os.fspath(d)) for d in exclude_dirs]
+  images: set[str] = set()
+  roots: set[str] = set()
+
+  def add_folder(folder: str) -> None:
+    roots.add(folder)
+    images.update(_walk_images(folder, excluded))
+
+  for raw in inputs:
+    raw = os.fspath(raw)
+    path = os.path.abspath(os.path.expanduser(raw))
+    if os.path.isdir(path):
+      add_folder(path)
+    elif os.path.isfile(path):
+      if _has_image_ext(path):
+        images.add(path)
+        continue
+      for entry in _read_list_file(path):
+        if os.path.isdir(entry):
+          add_folder(entry)
+        else:
+          # Listed files are taken as images whatever their extension; a missing
+          # one fails at load time (recorded in failures) instead of aborting a
+          # job over a stale line in a million-line list.
+          images.add(entry)
+    elif os.path.lexists(path):
+      raise FileNotFoundError(f"input {raw!r} is neither a file nor a folder (broken link?)")
+    else:
+      raise FileNotFoundError(f"input {raw!r} does not exist")
+  kept = sorted(p for p in images if not _is_under_any(p, excluded))
+  return kept, sorted(roots)
+
+
+def list_inputs(inputs: Sequence[PathLike], exclude_dirs: Sequence[PathLike] = ()
+                ) -> list[str]:
+  """Expands image files, folders and list files into a sorted list of images.
+
+  Args:
+    inputs: each item is an image file (kept whatever it contains), a folder
+      (searched recursively for extensions in `IMAGE_EXTENSIONS`, any case; hidden
+      entries skipped), or any other file, read as a UTF-8 list of paths: one per
+      line, blank lines and full-line `#` comments ignored, relative entries
+      resolved against the list file's folder. Listed entries may be folders
+      (expanded) or files (kept whatever their extension). List files do not nest.
+    exclude_dirs: folders whose contents are never listed (the job passes its
+      output folder so overlay PNGs are not picked up as inputs on a rerun).
+
+  Returns:
+    Absolute, normalized, deduplicated paths in lexicographic order (the same on
+    every process that sees the same files at the same paths).
+
+  Raises:
+    FileNotFoundError: an item of `inputs` does not exist.
+    ValueError: a non-image file that is not a readable text list.
+  """
+  return collect_inputs(inputs, exclude_dirs)[0]
+
+
+def input_roots(inputs: Sequence[PathLike]) -> list[str]:
+  """Absolute folders named in `inputs`, directly or inside list files.
+
+  These are the roots whose relative layout `output_path_for` keeps.
+  """
+  return collect_inputs(inputs)[1]
+
+
+def shard_inputs(paths: Sequence[str], process_index: int | None = None,
+                 process_count: int | None = None) -> list[str]:
+  """This process's share of `paths`: every `process_count`-th of the sorted list.
+
+  A strided split (rather than contiguous blocks) spreads each sub-folder across
+  processes, which balances load when folders differ in image size. Shards are
+  disjoint and their union is `paths`.
+
+  Args:
+    paths: input paths (any order; sorted here so all processes agree).
+    process_index: this process's index; defaults to `jax.process_index()`.
+    process_count: number of processes; defaults to `jax.process_count()`.
+
+  Returns:
+    The shard, in sorted order.
+  """
+  process_index, process_count = resolve_process(process_index, process_count)
+  return sorted(paths)[process_index::process_count]
+
+
+def resolve_process(process_index: int | None, process_count: int | None
+                    ) -> tuple[int, int]:
+  """(process_index, process_count), each defaulting to jax's; validated."""
+  if process_index is None or process_count is None:
+    import jax  # Lazy: listing/loading must not initialize a backend.
+    if process_index is None:
+      process_index = jax.process_index()
+    if process_count is None:
+      process_count = jax.process_count()
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f"need 0 <= process_index < process_count, got "
+                     f"process_index={process_index}, process_count={process_count}")
+  return int(process_index), int(process_count)
+
+
+# ---------------------------------------------------------------------------- decoding
+
+
+def _safe_load(load_fn: Callable[[str], np.ndarray], path: str) -> LoadResult:
+  """Never raises (except BaseException): errors come back as BadImageError."""
+  try:
+    return load_fn(path)
+  except BadImageError as e:
+    return e
+  except Exception as e:  # A loader bug or MemoryError must cost one image only.
+    return BadImageError(f"unexpected error while loading: {type(e).__name__}: {e}")
+
+
+def prefetch_batches(paths: Sequence[str], batch_size: int, *,
+                     load_fn: Callable[[str], np.ndarray] | None = None,
+                     num_workers: int = 4, prefetch: int = 2,
+                     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                     ) -> Iterator[list[tuple[str, LoadResult]]]:
+  """Yields batches of decoded images while later batches decode in threads.
+
+  At most `prefetch` batches are being decoded while the caller holds one, so once
+  the caller drops each batch before asking for the next, no more than
+  `(prefetch + 1) * batch_size` decoded images exist. The images of a batch decode
+  in parallel on `num_workers` threads (OpenCV releases the GIL), also with
+  `prefetch=0`.
+
+  Args:
+    paths: images, in the order batches should come.
+    batch_size: images per batch (the last batch may be smaller).
+    load_fn: path -> (H, W, 3) uint8; defaults to
+      `samjax.io.images.load_image(path, max_pixels)`. Its `BadImageError` (or any
+      other exception) is returned in place of the image.
+    num_workers: decoding threads.
+    prefetch: batches decoded ahead; 0 decodes each batch only when asked for.
+    max_pixels: passed to the default `load_image`.
+
+  Yields:
+    Lists of `(path, image or samjax.io.images.BadImageError)` in input order.
+  """
+  if batch_size < 1 or num_workers < 1 or prefetch < 0:
+    raise ValueError(f"need batch_size >= 1, num_workers >= 1, prefetch >= 0; got "
+                     f"{batch_size}, {num_workers}, {prefetch}")
+  if load_fn is None:
+    load_fn = functools.partial(load_image, max_pixels=max_pixels)
+  chunks = (list(paths[i:i + batch_size]) for i in range(0, len(paths), batch_size))
+  decoders = concurrent.futures.ThreadPoolExecutor(num_workers,
+                                                   thread_name_prefix="samjax-load")
+
+  def decode(chunk: list[str]) -> list[tuple[str, LoadResult]]:
+    futures = [decoders.submit(_safe_load, load_fn, p) for p in chunk]
+    try:
+      return [(p, f.result()) for p, f in zip(chunk, futures)]
+    finally:
+      for f in futures:  # Only left undone when the wait was interrupted.
+        f.cancel()
+
+  batches = prefetch_map(decode, chunks, ahead=prefetch, name="samjax-batch")
+  try:
+    yield from batches
+  finally:
+    batches.close()  # Cancels queued batches and waits for the running ones,
+    decoders.shutdown(wait=False, cancel_futures=True)  # whose decodes are done.

@@ -1,0 +1,218 @@
+"""The job's outputs: where each goes, what it holds, when it counts as done.
+
+* `output_path_for`: one JSON per input, unique and stable across runs.
+* `sa1b_record`: an image's annotations in the SA-1B layout (COCO RLE masks).
+* `is_valid_output`: whether a JSON is complete, which is what a rerun skips.
+* `write_overlay`: the optional PNG next to the JSON.
+* `FailureLog`: the JSON-lines file of images that failed, and why.
+
+Every file is written with `samjax.io.files.atomic_write`, so a file under its final
+name is always complete, whatever killed the job.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import threading
+from typing import Any, Callable, Sequence, Union
+
+import numpy as np
+
+from samjax.bulk.inputs import is_under
+from samjax.io.files import atomic_write
+from samjax.masks import decode_rle, rle_area, rle_bbox, to_coco_rle
+
+PathLike = Union[str, "os.PathLike[str]"]
+# One generated annotation (official SamAutomaticMaskGenerator keys).
+Annotation = dict[str, Any]
+OverlayFn = Callable[[np.ndarray, list[Annotation]], np.ndarray]
+
+
+# ------------------------------------------------------------------------ output names
+
+
+def _short_hash(text: str, n: int = 10) -> str:
+  return hashlib.sha1(text.encode("utf-8", "surrogateescape")).hexdigest()[:n]
+
+
+def output_path_for(path: PathLike, input_roots: Sequence[PathLike], out_dir: PathLike
+                    ) -> str:
+  """The JSON output path of one input: unique per input and stable across runs.
+
+  * Under an input folder: `out_dir/<path relative to that folder>.json`, keeping
+    the image extension (`sub/cat.jpg` -> `sub/cat.jpg.json`) so `cat.jpg` and
+    `cat.png` side by side do not collide. With nested input folders the
+    outermost one is used. When several unrelated folders are inputs, each gets a
+    prefix folder `<folder name>-<hash of its absolute path>` so equal relative
+    paths in different folders cannot collide.
+  * Otherwise (a loose file, or a file from a list file): `out_dir/<stem>-<10 hex
+    sha1 of the absolute path>.json`.
+
+  The name depends on the set of input folders: rerun a job with the same inputs
+  to resume it.
+
+  Args:
+    path: the input image.
+    input_roots: the folders among the job's inputs (see `input_roots`).
+    out_dir: the job's output folder.
+
+  Returns:
+    Absolute path of the JSON file. The overlay, if any, is `overlay_path` of it.
+  """
+  path = os.path.abspath(os.fspath(path))
+  out_dir = os.path.abspath(os.fspath(out_dir))
+  roots = sorted({os.path.abspath(os.fspath(r)) for r in input_roots})
+  outermost = [r for r in roots if not any(o != r and is_under(r, o) for o in roots)]
+  containing = [r for r in outermost if is_under(path, r) and path != r]
+  if containing:
+    root = containing[0]  # Outermost roots are disjoint, so there is only one.
+    rel = os.path.relpath(path, root)
+    if len(outermost) > 1:
+      tag = os.path.basename(root.rstrip(os.sep)) or "root"
+      rel = os.path.join(f"{tag}-{_short_hash(root, 8)}", rel)
+    return os.path.join(out_dir, rel + ".json")
+  stem = os.path.splitext(os.path.basename(path))[0]
+  return os.path.join(out_dir, f"{stem}-{_short_hash(path)}.json")
+
+
+def overlay_path(json_path: str) -> str:
+  """The overlay PNG that goes with an output JSON: same name, ".png" for ".json"."""
+  return json_path[:-len(".json")] + ".png"
+
+
+def image_id_for(json_path: str, out_dir: str) -> int:
+  """A stable integer id: from the output's path relative to the output folder.
+
+  The same on every run and machine; 52 bits, so it stays exact as a JSON (double)
+  number.
+  """
+  rel = os.path.relpath(json_path, out_dir)
+  return int(hashlib.sha1(rel.encode("utf-8", "surrogateescape")).hexdigest()[:13], 16)
+
+
+# ------------------------------------------------------------------------------ records
+
+
+def is_valid_output(path: PathLike) -> bool:
+  """Whether `path` is a complete SA-1B style JSON as written by this package.
+
+  Checks that it parses and has an `image` record with `file_name` (str),
+  `height` and `width` (positive ints), and an `annotations` list of dicts each
+  with a `segmentation` RLE dict (`size`, `counts`). Never raises.
+  """
+  try:
+    with open(path, "rb") as f:
+      record = json.load(f)
+    image = record["image"]
+    anns = record["annotations"]
+    ok = (isinstance(image, dict) and isinstance(image["file_name"], str)
+          and isinstance(anns, list))
+    for key in ("height", "width"):
+      ok = ok and isinstance(image[key], int) and image[key] > 0
+    for ann in anns:
+      seg = ann["segmentation"]
+      ok = ok and isinstance(seg, dict) and "counts" in seg and "size" in seg
+    return bool(ok)
+  except Exception:
+    return False
+
+
+def _floats(values: Any) -> Any:
+  """Nested sequence/array of numbers -> nested lists of Python floats."""
+  return np.asarray(values, dtype=np.float64).tolist()
+
+
+def sa1b_record(path: str, image_id: int, hw: tuple[int, int],
+                anns: Sequence[Annotation]) -> dict[str, Any]:
+  """One image's output in the SA-1B layout.
+
+  Args:
+    path: the input image path.
+    image_id: integer id of the image.
+    hw: (height, width) of the image in pixels, as given to the generator.
+    anns: the generator's annotations for this image; `segmentation` in any of the
+      official output modes (compressed RLE, uncompressed RLE, binary mask).
+
+  Returns:
+    {"image": {...}, "annotations": [...]} with JSON-ready Python types; the
+    segmentation is a compressed COCO RLE with str counts; bbox and crop_box are
+    XYWH in pixels, point_coords [[x, y]] in pixels.
+
+  Raises:
+    ValueError: a segmentation of another kind, or of another size than `hw`.
+  """
+  annotations = []
+  for i, ann in enumerate(anns):
+    rle = to_coco_rle(ann["segmentation"], hw)
+    area = ann.get("area")
+    bbox = ann.get("bbox")
+    annotations.append({
+        "id": i,
+        "segmentation": rle,
+        "bbox": _floats(rle_bbox(rle) if bbox is None else bbox),
+        "area": int(rle_area(rle) if area is None else area),
+        "predicted_iou": float(ann["predicted_iou"]),
+        "stability_score": float(ann["stability_score"]),
+        "point_coords": _floats(ann["point_coords"]),
+        "crop_box": _floats(ann.get("crop_box", [0, 0, hw[1], hw[0]])),
+    })
+  return {
+      "image": {
+          "image_id": int(image_id),
+          "file_name": os.path.basename(path),
+          "path": path,
+          "height": int(hw[0]),
+          "width": int(hw[1]),
+      },
+      "annotations": annotations,
+  }
+
+
+def write_record(json_path: str, record: dict[str, Any]) -> None:
+  """Writes a record as compact JSON, atomically."""
+  atomic_write(json_path, json.dumps(record, separators=(",", ":")))
+
+
+def write_overlay(png_path: str, image: np.ndarray, record: dict[str, Any],
+                  overlay_fn: OverlayFn) -> None:
+  """Renders `overlay_fn(image, anns)` with masks decoded to (H, W) bool arrays."""
+  import cv2  # pylint: disable=import-outside-toplevel
+
+  anns = [dict(a, segmentation=decode_rle(a["segmentation"])) for a in record["annotations"]]
+  vis = np.asarray(overlay_fn(image, anns))
+  channels = vis.shape[2] if vis.ndim == 3 else 1
+  if vis.dtype != np.uint8 or vis.ndim not in (2, 3) or channels not in (1, 3, 4):
+    raise ValueError(f"overlay_fn must return uint8 (H, W[, 3|4]), got {vis.dtype} {vis.shape}")
+  if vis.ndim == 3:  # RGB(A) -> OpenCV's BGR(A).
+    vis = np.concatenate([vis[:, :, 2::-1], vis[:, :, 3:]], axis=2)
+  ok, buf = cv2.imencode(".png", np.ascontiguousarray(vis))
+  if not ok:
+    raise ValueError("PNG encoding of the overlay failed")
+  atomic_write(png_path, buf.tobytes())
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+class FailureLog:
+  """Appends one JSON line per failed image; opened per write so a kill loses nothing.
+
+  Each line: {"path", "stage" ("load", "generate" or "write"), "reason", "time"}.
+  """
+
+  def __init__(self, path: str):
+    self.path = path
+    self.count = 0
+    self._lock = threading.Lock()
+
+  def add(self, image_path: str, stage: str, reason: str) -> None:
+    line = json.dumps({
+        "path": image_path, "stage": stage, "reason": reason,
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    })
+    with self._lock, open(self.path, "a", encoding="utf-8") as f:
+      f.write(line + "\n")
+    self.count += 1

@@ -38,7 +38,7 @@ MAX_TOTAL_BYTES = 5 << 30
 # `.expand()`): these are made from nothing, so they get a small budget of their own.
 # torch never writes such tensors for module parameters.
 MAX_EXPANDED_BYTES = 64 << 20
-# data.pkl of ViT-H is about 100 kB; a pickle this large is not a state dict.
+# data.pkl of ViT-B is 55 kB (ViT-H ~130 kB); a pickle this large is not a state dict.
 MAX_PICKLE_BYTES = 64 << 20
 # torch.save stores records uncompressed. A compressed record above 1 MiB that inflates
 # more than this (float weights deflate ~1.1:1, zeros ~1000:1) is refused as a zip bomb.
@@ -545,7 +545,8 @@ def load_state_dict(path, *, unwrap: Tuple[str, ...] = ()) -> Dict[str, Any]:
     except TorchFileError:
       raise
     except zipfile.BadZipFile as e:
-      raise TorchFileError(f"corrupt zip archive (truncated?): {e}") from None
+      raise TorchFileError(f"a zip archive that cannot be read (corrupt or truncated?): {e}"
+                           ) from None
     except Exception as e:  # zlib/lzma/bz2 errors, unsupported compression, encryption
       raise TorchFileError(f"unreadable zip archive: {type(e).__name__}: {e}") from None
 

@@ -7,6 +7,7 @@ neither jax nor numpy; the training code is imported when the command runs.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -87,14 +88,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
-  """The TrainConfig named by the parsed `samjax finetune` arguments."""
+  """The TrainConfig named by the parsed `samjax finetune` arguments.
+
+  Without --attention, $SAMJAX_ATTENTION_IMPL (else "auto") is read here, once, so
+  that the run's config (run.json, checkpoints, the resume check) records it.
+  """
+  attention = args.attention
+  if attention is None:
+    from samjax.runtime.engine import ENV_ATTENTION  # pylint: disable=import-outside-toplevel
+    attention = os.environ.get(ENV_ATTENTION, "").strip() or "auto"
   return TrainConfig(
       train=args.train, lr=args.lr, warmup_steps=args.warmup_steps, total_steps=args.steps,
       end_lr_ratio=args.end_lr_ratio, weight_decay=args.weight_decay,
       grad_clip_norm=args.grad_clip, batch_size=args.batch_size,
       instances_per_image=args.instances_per_image, prompt_iters=args.prompt_iters,
       box_fraction=args.box_fraction, loss_resolution=args.loss_resolution, dtype=args.dtype,
-      attention=args.attention, seed=args.seed, eval_every=args.eval_every,
+      attention=attention, seed=args.seed, eval_every=args.eval_every,
       save_every=args.save_every, keep_last=args.keep_last, log_every=args.log_every,
       hflip=args.hflip, val_max_images=args.val_max_images,
       eval_batch_size=args.eval_batch_size)

@@ -124,10 +124,10 @@ def _time_generate(gen, image, iters: int, time_cap: Optional[float], sync=None)
 def run(ctx: Context, models: Models) -> None:
   args = ctx.args
   try:
-    from samjax.automatic import AutomaticMaskGenerator
+    from samjax.amg.generator import AutomaticMaskGenerator
   except Exception as e:  # noqa: BLE001 - written in parallel; may not exist yet
-    ctx.record_error(SECTION, "import samjax.automatic", e)
-    ctx.skip(SECTION, "all", f"samjax.automatic unavailable: {type(e).__name__}: {e}")
+    ctx.record_error(SECTION, "import samjax.amg.generator", e)
+    ctx.skip(SECTION, "all", f"samjax.amg.generator unavailable: {type(e).__name__}: {e}")
     return
   from samjax.model import SamModel
   image, desc = load_image(args.amg_image, args.seed)

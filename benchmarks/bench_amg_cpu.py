@@ -65,7 +65,7 @@ def run(model_name: str, points: int, setting: str, image: np.ndarray, repeats: 
   import torch
   import samjax
   from samjax import reference
-  from samjax.automatic import AutomaticMaskGenerator
+  from samjax.amg.generator import AutomaticMaskGenerator
   from segment_anything import SamAutomaticMaskGenerator
 
   config = samjax.get_config(model_name) if model_name != "tiny" else samjax.tiny

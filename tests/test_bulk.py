@@ -512,7 +512,8 @@ def test_cli_arguments_and_run_automask(tmp_path, monkeypatch):
   out = tmp_path / "out"
   parser = automask.add_arguments(argparse.ArgumentParser())
   args = parser.parse_args([str(data), "--out", str(out)])
-  assert (args.model, args.checkpoint, args.dtype, args.batch_size) == ("vit_h", None, "float32", 1)
+  assert (args.model, args.checkpoint, args.dtype, args.batch_size) == ("vit_h", None, "auto",
+                                                                        "auto")
   assert args.attention is None  # SAMJAX_ATTENTION_IMPL, else "auto".
   assert not (args.overlays or args.no_progress or args.distributed)
   # The defaults are AmgOptions' (the official generator's), except the output mode.

@@ -8,7 +8,9 @@ in threads ahead of the generator, with a bound on how many images are alive.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import functools
+import itertools
 import os
 import warnings
 from typing import Callable, Iterable, Iterator, Sequence, Union
@@ -20,6 +22,10 @@ from samjax.io.prefetch import prefetch_map
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+
+# The listing problem of a named folder that holds no image.
+NO_IMAGES = (f"no images found in this folder (looked for "
+             f"{', '.join(sorted(IMAGE_EXTENSIONS))}, any case)")
 
 PathLike = Union[str, "os.PathLike[str]"]
 LoadResult = Union[np.ndarray, BadImageError]
@@ -41,26 +47,74 @@ def _is_under_any(path: str, roots: Sequence[str]) -> bool:
   return any(is_under(path, r) for r in roots)
 
 
-def _warn_walk_error(err: OSError) -> None:
-  # An unreadable sub-folder should not abort listing a large tree, but the user
-  # must hear about it.
-  warnings.warn(f"samjax.bulk: cannot list {err.filename!r}: {err.strerror}",
-                stacklevel=2)
+def _reason(err: OSError) -> str:
+  return err.strerror or str(err)
 
 
-def _walk_images(root: str, excluded: Sequence[str]) -> Iterator[str]:
-  """Yields image files under `root`, recursively.
+@dataclasses.dataclass
+class InputScan:
+  """What listing the inputs found.
+
+  Attributes:
+    images: sorted absolute image paths.
+    roots: sorted folders named in the inputs (directly or in list files): the roots
+      whose relative layout `output_path_for` keeps.
+    problems: (path, reason) of inputs that could not be listed: an unreadable
+      folder, a named folder without images. The job reports them as failures.
+    notes: what the walk skipped on purpose and why (the output folder inside an
+      input folder, a folder reached twice through a symlink).
+  """
+  images: list[str]
+  roots: list[str]
+  problems: list[tuple[str, str]]
+  notes: list[str]
+
+
+class InputError(ValueError):
+  """The inputs cannot be used as given (e.g. an input folder is the output folder)."""
+
+
+def _walk_images(root: str, excluded: Sequence[str], visited: set, problems: list,
+                 notes: list) -> list[str]:
+  """Image files under `root`, recursively, following symlinked folders once each.
 
   Hidden entries (names starting with ".") are skipped: in practice they are
-  AppleDouble "._x.jpg" stubs, checkpoint folders and the like, never real inputs.
+  AppleDouble "._x.jpg" stubs, checkpoint folders, our own temporaries and claims,
+  never real inputs. A folder already listed (a symlink loop, or the same folder
+  reached through two links) is listed once, under the first path the sorted walk
+  meets, so every process computes the same list.
   """
-  for dirpath, dirnames, filenames in os.walk(root, onerror=_warn_walk_error):
-    dirnames[:] = sorted(
-        d for d in dirnames
-        if not d.startswith(".") and not _is_under_any(os.path.join(dirpath, d), excluded))
+  found = []
+
+  def onerror(err: OSError) -> None:
+    problems.append((err.filename or root, f"cannot list folder: {_reason(err)}"))
+
+  for dirpath, dirnames, filenames in os.walk(root, onerror=onerror, followlinks=True):
+    keep = []
+    for d in sorted(dirnames):
+      if d.startswith("."):
+        continue
+      full = os.path.join(dirpath, d)
+      try:
+        st = os.stat(full)
+      except OSError as e:
+        problems.append((full, f"cannot list folder: {_reason(e)}"))
+        continue
+      if _is_under_any(os.path.realpath(full), excluded):
+        notes.append(f"skipped {full}: it is the output folder (outputs are never inputs)")
+        continue
+      ident = (st.st_dev, st.st_ino)
+      if ident in visited:
+        notes.append(f"skipped {full}: a link to a folder already listed "
+                     f"({os.path.realpath(full)})")
+        continue
+      visited.add(ident)
+      keep.append(d)
+    dirnames[:] = keep
     for name in filenames:
       if not name.startswith(".") and _has_image_ext(name):
-        yield os.path.join(dirpath, name)
+        found.append(os.path.join(dirpath, name))
+  return found
 
 
 def _read_list_file(path: str) -> list[str]:
@@ -91,30 +145,31 @@ def _read_list_file(path: str) -> list[str]:
   return entries
 
 
-def collect_inputs(inputs: Iterable[PathLike], exclude_dirs: Sequence[PathLike] = ()
-                   ) -> tuple[list[str], list[str]]:
-  """(sorted images, sorted folders named in `inputs`): `list_inputs` and `input_roots`
-  at once, from one walk."""
-  excluded = [os.path.abspath(os.fspath(d)) for d in exclude_dirs]
+def scan_inputs(inputs: Iterable[PathLike], exclude_dirs: Sequence[PathLike] = ()
+                ) -> InputScan:
+  """Lists the images of `inputs` and says what could not be listed (see `list_inputs`).
+
+  Raises:
+    FileNotFoundError: an item of `inputs` does not exist.
+    ValueError: a non-image file that is not a readable text list.
+    InputError: a named folder is an excluded folder or lies inside one (the job
+      excludes its output folder: walking it would list nothing, or our outputs).
+  """
+  excluded = [os.path.realpath(os.fspath(d)) for d in exclude_dirs]
   images: set[str] = set()
-  roots: set[str] = set()
-
-  def add_folder(folder: str) -> None:
-    roots.add(folder)
-    images.update(_walk_images(folder, excluded))
-
+  folders: set[str] = set()
   for raw in inputs:
     raw = os.fspath(raw)
     path = os.path.abspath(os.path.expanduser(raw))
     if os.path.isdir(path):
-      add_folder(path)
+      folders.add(path)
     elif os.path.isfile(path):
       if _has_image_ext(path):
-        images.add(path)
+        images.add(path)  # Named files are taken even inside an excluded folder.
         continue
       for entry in _read_list_file(path):
         if os.path.isdir(entry):
-          add_folder(entry)
+          folders.add(entry)
         else:
           # Listed files are taken as images whatever their extension; a missing
           # one fails at load time (recorded in failures) instead of aborting a
@@ -122,10 +177,52 @@ def collect_inputs(inputs: Iterable[PathLike], exclude_dirs: Sequence[PathLike] 
           images.add(entry)
     elif os.path.lexists(path):
       raise FileNotFoundError(f"input {raw!r} is neither a file nor a folder (broken link?)")
+    elif os.path.isdir(os.path.dirname(path)) and not os.access(os.path.dirname(path),
+                                                                 os.X_OK):
+      raise FileNotFoundError(f"input {raw!r} cannot be reached: its folder is not readable")
     else:
       raise FileNotFoundError(f"input {raw!r} does not exist")
-  kept = sorted(p for p in images if not _is_under_any(p, excluded))
-  return kept, sorted(roots)
+  for folder in sorted(folders):
+    real = os.path.realpath(folder)
+    for ex in excluded:
+      if real == ex:
+        raise InputError(f"the input folder {folder} is the output folder; write the "
+                         "outputs to a folder of their own (e.g. next to it)")
+      if is_under(real, ex):
+        raise InputError(f"the input folder {folder} is inside the output folder {ex}; "
+                         "write the outputs to a folder of their own")
+  problems: list[tuple[str, str]] = []
+  notes: list[str] = []
+  visited: set = set()
+  # Outer folders first, so a nested named folder is recognised as already walked.
+  for folder in sorted(folders, key=lambda f: (f.count(os.sep), f)):
+    try:
+      st = os.stat(folder)
+    except OSError as e:
+      problems.append((folder, f"cannot list folder: {_reason(e)}"))
+      continue
+    ident = (st.st_dev, st.st_ino)
+    if ident in visited:
+      if not any(o != folder and is_under(folder, o) for o in folders):
+        notes.append(f"{folder} is a folder already listed through another path")
+      continue
+    visited.add(ident)
+    n_problems = len(problems)
+    found = _walk_images(folder, excluded, visited, problems, notes)
+    if not found and len(problems) == n_problems:
+      problems.append((folder, NO_IMAGES))
+    images.update(found)
+  return InputScan(sorted(images), sorted(folders), problems, notes)
+
+
+def collect_inputs(inputs: Iterable[PathLike], exclude_dirs: Sequence[PathLike] = ()
+                   ) -> tuple[list[str], list[str]]:
+  """(sorted images, sorted folders named in `inputs`): `list_inputs` and `input_roots`
+  at once, from one walk. What cannot be listed is a warning (the job reports it)."""
+  scan = scan_inputs(inputs, exclude_dirs)
+  for path, reason in scan.problems:
+    warnings.warn(f"samjax.bulk: {path}: {reason}", stacklevel=2)
+  return scan.images, scan.roots
 
 
 def list_inputs(inputs: Sequence[PathLike], exclude_dirs: Sequence[PathLike] = ()
@@ -135,12 +232,14 @@ def list_inputs(inputs: Sequence[PathLike], exclude_dirs: Sequence[PathLike] = (
   Args:
     inputs: each item is an image file (kept whatever it contains), a folder
       (searched recursively for extensions in `IMAGE_EXTENSIONS`, any case; hidden
-      entries skipped), or any other file, read as a UTF-8 list of paths: one per
+      entries skipped; symlinked folders followed, each folder listed once so
+      links cannot loop), or any other file, read as a UTF-8 list of paths: one per
       line, blank lines and full-line `#` comments ignored, relative entries
       resolved against the list file's folder. Listed entries may be folders
       (expanded) or files (kept whatever their extension). List files do not nest.
-    exclude_dirs: folders whose contents are never listed (the job passes its
-      output folder so overlay PNGs are not picked up as inputs on a rerun).
+    exclude_dirs: folders whose contents are never listed by a folder walk (the job
+      passes its output folder so overlay PNGs are not picked up as inputs on a
+      rerun); image files named directly are kept.
 
   Returns:
     Absolute, normalized, deduplicated paths in lexicographic order (the same on
@@ -148,7 +247,10 @@ def list_inputs(inputs: Sequence[PathLike], exclude_dirs: Sequence[PathLike] = (
 
   Raises:
     FileNotFoundError: an item of `inputs` does not exist.
-    ValueError: a non-image file that is not a readable text list.
+    ValueError: a non-image file that is not a readable text list; `InputError` (a
+      ValueError) when a named folder is or lies in an excluded folder.
+
+  Folders that cannot be listed are warnings here; `scan_inputs` returns them.
   """
   return collect_inputs(inputs, exclude_dirs)[0]
 
@@ -209,7 +311,7 @@ def _safe_load(load_fn: Callable[[str], np.ndarray], path: str) -> LoadResult:
     return BadImageError(f"unexpected error while loading: {type(e).__name__}: {e}")
 
 
-def prefetch_batches(paths: Sequence[str], batch_size: int, *,
+def prefetch_batches(paths: Iterable[str], batch_size: int, *,
                      load_fn: Callable[[str], np.ndarray] | None = None,
                      num_workers: int = 4, prefetch: int = 2,
                      max_pixels: int | None = DEFAULT_MAX_PIXELS,
@@ -223,7 +325,9 @@ def prefetch_batches(paths: Sequence[str], batch_size: int, *,
   `prefetch=0`.
 
   Args:
-    paths: images, in the order batches should come.
+    paths: images, in the order batches should come; consumed lazily (a batch's
+      paths are taken when it starts decoding), so it may be a generator that
+      claims each image as it goes.
     batch_size: images per batch (the last batch may be smaller).
     load_fn: path -> (H, W, 3) uint8; defaults to
       `samjax.io.images.load_image(path, max_pixels)`. Its `BadImageError` (or any
@@ -240,7 +344,8 @@ def prefetch_batches(paths: Sequence[str], batch_size: int, *,
                      f"{batch_size}, {num_workers}, {prefetch}")
   if load_fn is None:
     load_fn = functools.partial(load_image, max_pixels=max_pixels)
-  chunks = (list(paths[i:i + batch_size]) for i in range(0, len(paths), batch_size))
+  source = iter(paths)
+  chunks = iter(lambda: list(itertools.islice(source, batch_size)), [])
   decoders = concurrent.futures.ThreadPoolExecutor(num_workers,
                                                    thread_name_prefix="samjax-load")
 

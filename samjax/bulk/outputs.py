@@ -6,8 +6,10 @@
 * `write_overlay`: the optional PNG next to the JSON.
 * `FailureLog`: the JSON-lines file of images that failed, and why.
 
-Every file is written with `samjax.io.files.atomic_write`, so a file under its final
-name is always complete, whatever killed the job.
+Every output is written with `samjax.io.files.atomic_write`, so a file under its final
+name is always complete, whatever killed the job. The failure log is appended to
+with `samjax.io.files.append_text` and compacted with `rewrite_text`, which several
+jobs sharing the folder may do at once.
 """
 
 from __future__ import annotations
@@ -16,13 +18,17 @@ import datetime
 import hashlib
 import json
 import os
+import secrets
+import socket
+import sys
 import threading
-from typing import Any, Callable, Sequence, Union
+import time
+from typing import Any, Callable, Collection, Optional, Sequence, Union
 
 import numpy as np
 
 from samjax.bulk.inputs import is_under
-from samjax.io.files import atomic_write
+from samjax.io import files
 from samjax.masks import decode_rle, rle_area, rle_bbox, to_coco_rle
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -173,7 +179,7 @@ def sa1b_record(path: str, image_id: int, hw: tuple[int, int],
 
 def write_record(json_path: str, record: dict[str, Any]) -> None:
   """Writes a record as compact JSON, atomically."""
-  atomic_write(json_path, json.dumps(record, separators=(",", ":")))
+  files.atomic_write(json_path, json.dumps(record, separators=(",", ":")))
 
 
 def write_overlay(png_path: str, image: np.ndarray, record: dict[str, Any],
@@ -191,28 +197,108 @@ def write_overlay(png_path: str, image: np.ndarray, record: dict[str, Any],
   ok, buf = cv2.imencode(".png", np.ascontiguousarray(vis))
   if not ok:
     raise ValueError("PNG encoding of the overlay failed")
-  atomic_write(png_path, buf.tobytes())
+  files.atomic_write(png_path, buf.tobytes())
 
 
 # ----------------------------------------------------------------------------- failures
 
 
-class FailureLog:
-  """Appends one JSON line per failed image; opened per write so a kill loses nothing.
+def _now_iso() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
-  Each line: {"path", "stage" ("load", "generate" or "write"), "reason", "time"}.
+
+class FailureLog:
+  """The JSON-lines file of inputs that failed, and why; one line per failure.
+
+  Each line: {"path", "stage" ("list", "load", "generate" or "write"), "reason",
+  "time", "output" (the JSON the image would have had; null for "list"), "run"}.
+
+  Lines are appended as failures happen (a kill loses nothing). Writing one never
+  raises: when the disk is full the record is kept in `unwritten` and printed to
+  stderr instead, so the job can stop cleanly and say why. At the end of a run
+  `compact` drops the records that are no longer true (see there).
+
+  Args:
+    path: the JSONL file.
+    run_id: marks this run's records (default: host, pid, start time and a random
+      token).
   """
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, run_id: Optional[str] = None):
     self.path = path
+    self.run_id = run_id or (f"{socket.gethostname()}:{os.getpid()}:{time.time():.0f}:"
+                             f"{secrets.token_hex(3)}")
     self.count = 0
+    self.unwritten: list[str] = []
+    self.write_error: Optional[OSError] = None
     self._lock = threading.Lock()
 
-  def add(self, image_path: str, stage: str, reason: str) -> None:
-    line = json.dumps({
-        "path": image_path, "stage": stage, "reason": reason,
-        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    })
-    with self._lock, open(self.path, "a", encoding="utf-8") as f:
-      f.write(line + "\n")
-    self.count += 1
+  def add(self, image_path: str, stage: str, reason: str, output: Optional[str] = None
+          ) -> None:
+    """Records one failure (never raises for a write error, see the class)."""
+    line = json.dumps({"path": image_path, "stage": stage, "reason": reason,
+                       "time": _now_iso(), "output": output, "run": self.run_id})
+    with self._lock:
+      self.count += 1
+      if self.write_error is None:
+        try:
+          files.append_text(self.path, line + "\n")
+          return
+        except OSError as e:
+          self.write_error = e
+          print(f"samjax bulk: cannot write {self.path} ({e.strerror or e}); failure "
+                "records follow here instead", file=sys.stderr)
+      self.unwritten.append(line)
+      print(f"samjax bulk: failed: {line}", file=sys.stderr)
+
+  def compact(self, succeeded: Collection[str] = (), relisted: bool = False,
+              is_done: Callable[[str], bool] = None) -> bool:
+    """Rewrites the log with only the records that are still true; never raises.
+
+    Dropped: records of images that succeeded in this run (`succeeded`) or whose
+    output is valid now (`is_done(output)`, default `is_valid_output`: e.g. another
+    job redid them); with `relisted` (this run listed the same inputs again), the
+    "list" records of earlier runs; torn lines of a killed writer; and every record
+    of an image but its latest. Records that could not be written during the run
+    are added. The file is removed when nothing is left.
+
+    Returns:
+      Whether the file changed.
+    """
+    is_done = is_done or is_valid_output
+    succeeded = set(succeeded)
+
+    def keep(text: str) -> Optional[str]:
+      latest: dict[str, tuple[str, dict]] = {}
+      for line in text.splitlines() + self.unwritten:
+        try:
+          rec = json.loads(line)
+        except ValueError:
+          continue
+        if not isinstance(rec, dict) or not isinstance(rec.get("path"), str):
+          continue
+        latest.pop(rec["path"], None)  # Re-insert: keeps the order of latest records.
+        latest[rec["path"]] = (line, rec)
+      lines = []
+      for path, (line, rec) in latest.items():
+        if path in succeeded:
+          continue
+        if relisted and rec.get("stage") == "list" and rec.get("run") != self.run_id:
+          continue
+        out = rec.get("output")
+        if isinstance(out, str) and os.path.exists(out) and is_done(out):
+          continue
+        lines.append(line + "\n")
+      new = "".join(lines)
+      return text if new == text else new
+
+    try:
+      if not os.path.exists(self.path):
+        if not self.unwritten:
+          return False
+        files.append_text(self.path, "")  # Create it, to write what was kept in memory.
+      changed = files.rewrite_text(self.path, keep)
+    except OSError:
+      return False
+    self.unwritten = []
+    return changed

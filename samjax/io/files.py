@@ -9,7 +9,13 @@ the folder so the rename itself survives a power cut (where the OS allows it).
 Temporary names start with `TEMP_PREFIX` and end with the final name, e.g.
 `.samjax-tmp.4242.1a2b3c4d.cat.jpg.json`: hidden from folder listings, marked as ours,
 and traceable to the file they were going to become, so `remove_stale_temps` can
-delete the leftovers of a killed writer.
+delete the leftovers of a killed writer. Versions before 0.1 named them
+`<final>.<pid>.<8 hex>.tmp` (`LEGACY_TEMP_RE`); those are only recognised next to
+final names the caller vouches for (`legacy=True` with `finals`).
+
+`append_text` and `rewrite_text` share one file between processes (a log that
+several jobs append to while one of them compacts it): both hold an exclusive
+`flock` on the file, and reopen it when it was replaced while they waited.
 """
 
 from __future__ import annotations
@@ -19,7 +25,12 @@ import hashlib
 import os
 import re
 import secrets
-from typing import BinaryIO, Collection, Iterator, Optional, Union
+from typing import BinaryIO, Callable, Collection, Dict, Iterator, List, Optional, Tuple, Union
+
+try:
+  import fcntl
+except ImportError:  # Windows: no advisory locks; shared appends stay best effort.
+  fcntl = None
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -27,6 +38,8 @@ TEMP_PREFIX = ".samjax-tmp."
 # "<prefix><pid>.<8 hex>.<key of the final name>"; see `_final_key`.
 _TEMP_RE = re.compile(re.escape(TEMP_PREFIX) + r"(?P<pid>\d+)\.(?P<token>[0-9a-f]{8})\."
                       r"(?P<key>.+)$")
+# Temporaries of samjax < 0.1: "<final>.<pid>.<8 hex>.tmp".
+LEGACY_TEMP_RE = re.compile(r"^(?P<final>.+)\.\d+\.[0-9a-f]{8}\.tmp$")
 # Most filesystems allow 255 bytes per name; the prefix, pid and token take < 40.
 _MAX_KEY_BYTES = 200
 
@@ -117,8 +130,57 @@ def atomic_write(path: PathLike, data: Union[bytes, str], make_dirs: bool = True
     f.write(data)
 
 
+TempKey = Tuple[str, str]  # (absolute folder, `_final_key` of the final name)
+
+
+def temp_key(final: PathLike) -> TempKey:
+  """How `find_temps` indexes the temporaries of the final path `final`."""
+  d, name = os.path.split(os.path.abspath(os.fspath(final)))
+  return d, _final_key(name)
+
+
+def find_temps(folder: PathLike, recursive: bool = False, legacy: bool = False
+               ) -> Dict[TempKey, List[str]]:
+  """Temporary files of ours under `folder`, by the final path they were writing.
+
+  One listing of the tree: a caller that cleans up per output (e.g. when it claims
+  an image) looks its outputs' `temp_key` up here instead of listing a folder each time.
+
+  Args:
+    folder: where to look (missing: nothing found).
+    recursive: also look in sub-folders.
+    legacy: also return names of the pre-0.1 form `<final>.<pid>.<8 hex>.tmp`; only
+      delete those for finals you know are yours (the pattern alone could match a
+      user's file).
+
+  Returns:
+    {temp_key(final): [temporary paths]}.
+  """
+  folder = os.fspath(folder)
+  if recursive:
+    walk = ((d, fs) for d, _, fs in os.walk(folder))
+  else:
+    try:
+      walk = iter([(folder, [e.name for e in os.scandir(folder) if e.is_file()])])
+    except (FileNotFoundError, NotADirectoryError):
+      return {}
+  found: Dict[TempKey, List[str]] = {}
+  for dirpath, filenames in walk:
+    absdir = os.path.abspath(dirpath)
+    for name in filenames:
+      m = _TEMP_RE.match(name)
+      if m:
+        key = m.group("key")
+      elif legacy and name.endswith(".tmp") and (m := LEGACY_TEMP_RE.match(name)):
+        key = _final_key(m.group("final"))
+      else:
+        continue
+      found.setdefault((absdir, key), []).append(os.path.join(dirpath, name))
+  return found
+
+
 def remove_stale_temps(folder: PathLike, finals: Optional[Collection[PathLike]] = None,
-                       recursive: bool = False) -> int:
+                       recursive: bool = False, legacy: bool = False) -> int:
   """Deletes temporary files left behind by killed `atomic_write`s.
 
   Call it before a run writes into `folder`, not while another writer may be busy
@@ -130,33 +192,119 @@ def remove_stale_temps(folder: PathLike, finals: Optional[Collection[PathLike]] 
     folder: where to look.
     finals: final paths whose temporaries may go; None: every temporary of ours.
     recursive: also look in sub-folders.
+    legacy: also remove pre-0.1 temporaries (`<final>.<pid>.<8 hex>.tmp`) of `finals`
+      (ignored without `finals`: the name alone does not prove the file is ours).
 
   Returns:
     The number of files removed.
   """
-  folder = os.fspath(folder)
-  keys = None
+  legacy = legacy and finals is not None
+  found = find_temps(folder, recursive=recursive, legacy=legacy)
   if finals is not None:
-    keys = set()
-    for p in finals:
-      d, name = os.path.split(os.path.abspath(os.fspath(p)))
-      keys.add((d, _final_key(name)))
-  if recursive:
-    walk = ((d, fs) for d, _, fs in os.walk(folder))
-  else:
-    try:
-      walk = iter([(folder, [e.name for e in os.scandir(folder) if e.is_file()])])
-    except FileNotFoundError:
-      return 0
+    keys = {temp_key(p) for p in finals}
+    found = {k: v for k, v in found.items() if k in keys}
+  return remove_files(p for paths in found.values() for p in paths)
+
+
+def remove_files(paths) -> int:
+  """Deletes each path that still exists; returns how many went (errors ignored)."""
   removed = 0
-  for dirpath, filenames in walk:
-    for name in filenames:
-      m = _TEMP_RE.match(name)
-      if not m:
-        continue
-      if keys is not None and (os.path.abspath(dirpath), m.group("key")) not in keys:
-        continue
-      with contextlib.suppress(OSError):
-        os.unlink(os.path.join(dirpath, name))
-        removed += 1
+  for p in paths:
+    with contextlib.suppress(OSError):
+      os.unlink(p)
+      removed += 1
   return removed
+
+
+# ------------------------------------------------------------------- shared files
+
+
+@contextlib.contextmanager
+def _locked(path: str, create: bool) -> Iterator[Optional[int]]:
+  """An fd of `path` holding an exclusive flock; None when `path` does not exist
+  and `create` is False.
+
+  Whoever replaces or removes `path` holds the lock while doing it, so a waiter that
+  wakes up on an inode that is no longer `path` reopens instead of writing into a
+  file nobody will read.
+  """
+  flags = os.O_RDWR | os.O_APPEND | (os.O_CREAT if create else 0)
+  while True:
+    try:
+      fd = os.open(path, flags, 0o666)
+    except FileNotFoundError:
+      if create:
+        raise
+      yield None
+      return
+    try:
+      if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+      st = os.fstat(fd)
+      try:
+        cur = os.stat(path)
+        current = (st.st_dev, st.st_ino) == (cur.st_dev, cur.st_ino)
+      except FileNotFoundError:
+        current = False
+      if current:
+        try:
+          yield fd
+        finally:
+          os.close(fd)
+          fd = -1
+        return
+    finally:
+      if fd >= 0:
+        os.close(fd)
+
+
+def append_text(path: PathLike, text: str) -> None:
+  """Appends `text` (UTF-8) to `path`, creating it; safe against concurrent appends and
+  `rewrite_text` from other processes.
+
+  Raises:
+    OSError: the write failed (e.g. ENOSPC); the file may then hold part of `text`.
+  """
+  data = text.encode("utf-8")
+  with _locked(os.fspath(path), create=True) as fd:
+    view = memoryview(data)
+    while view:
+      n = os.write(fd, view)
+      view = view[n:]
+
+
+def rewrite_text(path: PathLike, fn: Callable[[str], Optional[str]]) -> bool:
+  """Replaces the text of `path` by `fn(old text)`, atomically, under its lock.
+
+  Appends by other processes wait meanwhile and land in the new file. `fn` returning
+  the old text leaves the file untouched; None or "" removes it. A missing file is
+  left missing. Stale temporaries of `path` (from a killed rewrite) are removed too:
+  the lock holder is the only one who writes them.
+
+  Returns:
+    Whether the file was changed.
+
+  Raises:
+    OSError: reading or writing failed; the file is then as it was.
+  """
+  path = os.fspath(path)
+  with _locked(path, create=False) as fd:
+    if fd is None:
+      return False
+    remove_stale_temps(os.path.dirname(path) or ".", finals=[path])
+    chunks = []
+    os.lseek(fd, 0, os.SEEK_SET)
+    while True:
+      chunk = os.read(fd, 1 << 20)
+      if not chunk:
+        break
+      chunks.append(chunk)
+    old = b"".join(chunks).decode("utf-8", "replace")
+    new = fn(old)
+    if new == old:
+      return False
+    if not new:
+      os.unlink(path)
+    else:
+      atomic_write(path, new)
+    return True

@@ -427,11 +427,37 @@ def decode_image(data: bytes, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
   return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
+# Bytes read first: every header parser needs at most this much except JPEG and TIFF,
+# whose size can sit after large metadata (then the whole file is read).
+_HEADER_BYTES = 1 << 16
+
+# Extensions -> the format their content should have (for messages only: the content
+# decides how a file is decoded, as for `cv2.imread`).
+_EXTENSION_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP",
+                      ".gif": "GIF", ".webp": "WebP", ".tif": "TIFF", ".tiff": "TIFF",
+                      ".hdr": "Radiance HDR", ".pic": "Radiance HDR", ".pfm": "PFM",
+                      ".jp2": "JPEG 2000", ".exr": "OpenEXR", ".avif": "AVIF",
+                      ".ras": "Sun raster", ".sr": "Sun raster", ".pam": "PAM",
+                      ".pbm": "PNM", ".pgm": "PNM", ".ppm": "PNM", ".pnm": "PNM"}
+
+
+def _misnamed(path: str, header: Optional[ImageSize]) -> str:
+  """" (a Radiance HDR file named .png)" when the content is not what the name says."""
+  ext = os.path.splitext(path)[1].lower()
+  expected = _EXTENSION_FORMATS.get(ext)
+  if header is None or expected is None or expected == header.format:
+    return ""
+  return f" (a {header.format} file named {ext})"
+
+
 def load_image(path: PathLike, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
                exif_orientation: bool = True) -> np.ndarray:
   """Reads an image file as uint8 RGB, or raises `BadImageError` with a reason.
 
   See `decode_image` for the arguments and the conversions (those of `cv2.imread`).
+  The format is sniffed from the content, never taken from the extension (a PNG
+  named .jpg decodes as PNG). With a pixel limit, the header is read first and an
+  image declaring too many pixels is refused without reading the rest of the file.
 
   Returns:
     (H, W, 3) uint8 RGB array, C-contiguous.
@@ -441,16 +467,34 @@ def load_image(path: PathLike, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
       too large.
   """
   path = os.fspath(path)
+  header = None
   try:
     if os.path.isdir(path):
       raise BadImageError("is a folder, not an image file")
     with open(path, "rb") as f:
-      data = f.read()
+      data = f.read(_HEADER_BYTES)
+      header = read_image_size(data)
+      if header is not None and header.width is not None:
+        try:
+          _check_pixels(header.width, header.height, max_pixels)
+        except BadImageError as e:
+          raise BadImageError(e.reason + _misnamed(path, header)) from None
+      # An unknown format is refused under a limit whatever follows: no need to read it.
+      if len(data) == _HEADER_BYTES and (header is not None or max_pixels is None):
+        data += f.read()
   except FileNotFoundError:
     raise BadImageError("file does not exist") from None
+  except IsADirectoryError:
+    raise BadImageError("is a folder, not an image file") from None
   except OSError as e:
     raise BadImageError(f"cannot read file: {e.strerror or e}") from e
-  return decode_image(data, max_pixels=max_pixels, exif_orientation=exif_orientation)
+  try:
+    return decode_image(data, max_pixels=max_pixels, exif_orientation=exif_orientation)
+  except BadImageError as e:
+    hint = _misnamed(path, read_image_size(data) if header is None else header)
+    if not hint:
+      raise
+    raise BadImageError(e.reason + hint) from None
 
 
 def read_file_image_size(path: PathLike, max_bytes: int = 1 << 20) -> Optional[ImageSize]:

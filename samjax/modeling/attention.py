@@ -45,11 +45,14 @@ PORTABLE_KERNELS = ("einsum", "xla", "fold_xla")
 # 66.8, cudnn/fold_mla 66.7, fold/cudnn 61.7, cudnn (additive bias) 61.0; official 22.4.
 AUTO_GPU_PREFERENCE = ("fold_mla", "fold", "cudnn")
 
-# TPUs: the explicit logits of global blocks (a (heads, 4096, 4096) float32 tensor per
-# image) do not fit a v5e chip at batch 8 (34.8 GB of temporaries for ViT-H); the
-# folded form through XLA needs no bias tensor (9.3 GB). See `attention_tpu` for the
-# flash kernel and the compiled-memory comparison behind these defaults.
-AUTO_TPU = ("fold_xla", "fold_xla")
+# TPUs: the Pallas flash kernel over the folded form (`attention_tpu`) for both block
+# kinds. Compiled for a v5e chip from a CPU host (benchmarks/tpu_compile.py; compiler
+# figures, not timings), ViT-H bf16 batch 8 needs 4.35 GB of HBM temporaries with it,
+# 10.0 GB with the folded form through XLA ("fold_xla", which writes a (B, heads, 4096,
+# 4096) float32 logits tensor per global block) and 34.8 GB with explicit einsum logits
+# (does not compile on a 15.75 GB chip); ViT-B: 1.80 / 3.13 / 11.7 GB. The kernel costs
+# at most 4% more MXU work (padding). See `attention_tpu`'s docstring for the table.
+AUTO_TPU = ("fold_tpu", "fold_tpu")
 
 #: Platforms whose names `jax.lax.platform_dependent` knows, and ours for them.
 _PLATFORM_ALIASES = {"cuda": "gpu", "rocm": "gpu", "gpu": "gpu", "tpu": "tpu", "cpu": "cpu"}

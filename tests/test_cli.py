@@ -45,7 +45,8 @@ def test_help_does_not_import_jax(command):
 def test_every_command_is_registered_and_runs_its_module():
   parser = build_parser()
   sub = next(a for a in parser._actions if a.dest == "command")  # pylint: disable=protected-access
-  assert list(sub.choices) == ["convert", "predict", "automask", "finetune", "export-torch"]
+  assert list(sub.choices) == ["convert", "predict", "automask", "finetune", "export-torch",
+                               "serve", "plan"]
   for name, module in COMMANDS.items():
     mod = importlib.import_module(module)
     assert sub.choices[name].get_default("func") is mod.run, name

@@ -31,7 +31,7 @@ def _gpu_prober(config: SamConfig, dtype):
   """The GPU kernel probe for "auto", where this process has a GPU to ask."""
   if jax.default_backend() != "gpu":
     return None  # lowering for a GPU elsewhere: the portable kernels are chosen
-  from samjax.runtime import kernels  # pylint: disable=import-outside-toplevel
+  from samjax.modeling import kernel_probe as kernels  # pylint: disable=import-outside-toplevel
   return kernels.gpu_prober(config, dtype, jax.devices("gpu")[0])
 
 

@@ -34,7 +34,7 @@ from samjax.config import SamConfig
 from samjax.functional import decode_masks, encode_image, upscale_masks
 from samjax.modeling import MASK_THRESHOLD
 from samjax.modeling import attention as attn
-from samjax.runtime import kernels
+from samjax.modeling import kernel_probe as kernels
 from samjax.runtime import mesh as mesh_lib
 
 ENV_ATTENTION = "SAMJAX_ATTENTION_IMPL"

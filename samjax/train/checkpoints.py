@@ -9,8 +9,11 @@ continuation is refused when it would not be the same run.
 from __future__ import annotations
 
 import logging
+import shutil
+import time
+import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
@@ -79,6 +82,53 @@ def restore(mngr: ocp.CheckpointManager, step: int, like_state):
   got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                    meta=ocp.args.JsonRestore()))
   return got["state"], got["meta"]
+
+
+def restore_latest_intact(mngr: ocp.CheckpointManager, like_state,
+                          log_fn: Callable[[str], None] = print
+                          ) -> Optional[Tuple[int, Any, Dict[str, Any]]]:
+  """(step, state, meta) of the newest checkpoint that restores, or None if there is none.
+
+  A step that fails to restore (a truncated or corrupted file, e.g. after a crash
+  or a full disk) is moved aside to `<checkpoints>/../damaged_checkpoints/<step>-<time>`
+  (so that the step can be saved again) with a warning naming it, and the next
+  older step is tried. Raises RuntimeError when checkpoints exist but none restores.
+  """
+  steps = sorted(mngr.all_steps(), reverse=True)
+  if not steps:
+    return None
+  errors = []
+  for step in steps:
+    try:
+      state, meta = restore(mngr, step, like_state)
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(f"step {step}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+      continue
+    if errors:
+      damaged = [s for s in steps if s > step]
+      aside = _move_aside(mngr, damaged)
+      msg = (f"checkpoint step(s) {', '.join(map(str, damaged))} in {mngr.directory} "
+             f"cannot be restored (damaged), resuming from step {step} instead; moved "
+             f"to {aside}:\n  " + "\n  ".join(errors))
+      warnings.warn(msg, RuntimeWarning, stacklevel=2)
+      log_fn(f"warning: {msg}")
+    return step, state, meta
+  raise RuntimeError(f"no checkpoint in {mngr.directory} can be restored (all "
+                     f"{len(steps)} damaged); remove the folder to start over, or choose "
+                     "another output folder:\n  " + "\n  ".join(errors))
+
+
+def _move_aside(mngr: ocp.CheckpointManager, steps) -> Path:
+  directory = Path(mngr.directory)
+  aside = directory.parent / "damaged_checkpoints"
+  aside.mkdir(exist_ok=True)
+  stamp = time.strftime("%Y%m%d-%H%M%S")
+  for step in steps:
+    src = directory / str(step)
+    if src.exists():
+      shutil.move(str(src), str(aside / f"{step}-{stamp}"))
+  mngr.reload()
+  return aside
 
 
 def check_resume(meta, tc: TrainConfig, config: SamConfig, n_images: int, fp: str) -> None:

@@ -27,6 +27,10 @@ from samjax.train.plots import plot_curves, progress_bar
 from samjax.train.step import init_train_state, make_runtime, train_step_fn
 
 
+# A run stops when its first this-many steps had not a single valid instance.
+EMPTY_CHECK_STEPS = 4
+
+
 @dataclasses.dataclass
 class FinetuneResult:
   """What `finetune` returns.
@@ -88,13 +92,25 @@ def finetune(tc: TrainConfig, config: SamConfig, params, train_data, out_dir: st
     FinetuneResult.
   """
   out = Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
   rt = make_runtime(config, tc, mesh)
   n_dev = rt.num_devices
   if tc.batch_size % n_dev:
     raise ValueError(f"batch_size {tc.batch_size} does not split over {n_dev} devices")
+  # Everything about the data is checked before anything is written to `out`.
+  for data in (train_data, val_data):
+    if data is not None and getattr(data, "validated", True) is False:
+      data.validate()  # a CocoInstances built with validate=False
   order = DataOrder(len(train_data), tc.seed)
   data_fp = dataset_fingerprint(train_data)
+  # The first steps' batches (host only, images not encoded) must hold an instance.
+  n_check = min(EMPTY_CHECK_STEPS, tc.total_steps)
+  if n_check and not any(train_batch(train_data, order, s, tc, config, None)["inst_valid"].any()
+                         for s in range(n_check)):
+    raise ValueError(
+        f"training would see no valid instance in its first {n_check} step(s) "
+        f"({n_check * tc.batch_size} images): every mask of the sampled images is empty "
+        "(or vanishes when resized to the model input); check the training data")
+  out.mkdir(parents=True, exist_ok=True)
 
   mngr = checkpoints.checkpoint_manager(out / CHECKPOINT_DIR, tc.keep_last)
   try:
@@ -107,7 +123,7 @@ def finetune(tc: TrainConfig, config: SamConfig, params, train_data, out_dir: st
       if not resume:
         raise FileExistsError(f"{out} already has checkpoints (latest step {latest}); resume "
                               "it or choose another output folder")
-      state, meta = checkpoints.restore(mngr, latest, state)
+      _, state, meta = checkpoints.restore_latest_intact(mngr, state, log_fn)
       checkpoints.check_resume(meta, tc, config, len(train_data), data_fp)
       start = int(meta["step"])
       if (out / LOG_FILE).exists():

@@ -1,4 +1,4 @@
-"""The `samjax` command line: convert, predict, automask, finetune, export-torch.
+"""The `samjax` command line: convert, predict, automask, finetune, export-torch, serve, plan.
 
 One module per command, each with `HELP`, `add_arguments(parser)` and `run(args) ->
 int`; every argument parser of samjax lives here. Building the parsers imports only
@@ -59,6 +59,7 @@ COMMANDS = {
     "finetune": "samjax.cli.finetune",
     "export-torch": "samjax.cli.export_torch",
     "serve": "samjax.cli.serve",
+    "plan": "samjax.cli.plan",
 }
 
 

@@ -17,40 +17,42 @@ nothing to q.k); the query sequence to a multiple of `block_q` (padded query row
 sliced off) and the key sequence to a multiple of `block_k` (padded keys get a logit of
 -inf, so exp() gives exactly 0: the result is the unpadded softmax, not an
 approximation). A windowed block of the official models (N = 196) runs as 200 query
-rows x 256 keys in one step: 1.3x the logical FLOPs, where 256 x 256 would be 1.7x.
+rows x 256 keys in one step: 1.3x the logits of 196 x 196, where 256 x 256 would be
+1.7x.
 
 Numerics: logits and softmax statistics in float32; p is cast to v's dtype for the
 p @ v matmul (as `jax.nn.dot_product_attention` does); the 1/l normalisation is applied
 once to the float32 accumulator. float32 inputs use Precision.HIGHEST matmuls.
 
-Which kernel on TPU (the compile-time comparison behind TPU_DEFAULT), from
-`python -m benchmarks.tpu_compile`: HBM temporaries / total FLOPs of `encode_image`, bf16,
-batch 8, compiled for a v5e chip (15.75 GiB usable HBM) from a CPU host. These are the
-compiler's figures, not timings; the kernel's FLOPs are those it executes, padding
-included, as declared in its cost estimate.
+Which kernel on TPU. `python -m benchmarks.tpu_compile` compiles `encode_image` (bf16)
+for a v5e chip from a CPU host (XLA's TPU compiler via `jax.experimental.topologies`;
+libtpu 0.0.42.1, jax 0.10.2). Batch 8; COMPILE-TIME figures, not timings: HBM
+temporaries in GB of 1e9 bytes (`memory_analysis`), TFLOPs and GB accessed
+(`cost_analysis`; for this kernel its own declared cost, padding included). XLA gives
+a v5e 15.75 GiB (16.9 GB) of HBM for a program.
 
-  ViT-B b8 v5e   temp GB   TFLOP   (windowed / global kernel)
-    einsum        11.7      3.43
-    fold_xla       3.13     3.91
-    flash/flash    1.80     4.07
-    fold_xla/flash 2.42     3.87
-  ViT-H b8 v5e
-    einsum        34.8 (does not fit: RESOURCE_EXHAUSTED at compile)
-    fold_xla      10.0     52.1
-    flash/flash    4.35    53.9
-    fold_xla/flash 6.28    51.5
+                          ViT-B                    ViT-H
+  windowed/global     temp   TFLOP  GB acc.    temp   TFLOP  GB acc.
+  einsum             26.46 needed: no fit     37.39 needed: no fit
+  xla (bias)         20.01 needed: no fit     28.80 needed: no fit
+  fold_xla            7.11   11.17   176      10.00   52.13   513
+  fold_tpu/fold_xla   7.27   11.38   165       9.68   52.92   438
+  fold_xla/fold_tpu   2.02   11.15   117       4.25   51.56   428
+  fold_tpu            1.63   11.36   105       2.11   52.35   354
 
-(see the table printed by benchmarks/tpu_compile.py for every model, batch and chip.)
-
-Global blocks: the flash kernel wins outright; fold_xla writes a (B, heads, 4096, 4096)
-float32 logits tensor per global block (8.6 GB at ViT-H batch 8), the kernel none.
-Windowed blocks: fold_xla materialises (B*25, heads, 196, 196) float32 logits per block
-(0.5 GB at ViT-H batch 8, reused block to block) and runs the matmuls at 196 rows; the
-kernel keeps the logits in VMEM at the cost of 200 x 256 padding. The kernel needs the
-least HBM (it is the only choice that keeps ViT-H batch 8 under ~5 GB) and the least
-HBM traffic, for 4% more MXU work at most; so TPU_DEFAULT takes it for both kinds.
-fold_xla/flash (XLA windows, flash global) is the fallback when Pallas is unavailable
-for windows only; einsum is never better on TPU.
+Global blocks: the kernel wins outright. fold_xla writes a (B, heads, 4096, 4096)
+float32 logits tensor per global block (8.6 GB at ViT-H batch 8); the kernel keeps
+the logits in VMEM, which takes ViT-H's temporaries from 10.0 to 4.3 GB on its own.
+Windowed blocks: fold_xla's (B * 25, heads, 196, 196) logits are small (0.5 GB at
+ViT-H batch 8), and the kernel pays for its 200 x 256 padding and its padded,
+transposed copies of q/k/v; still, with the kernel for global blocks, running the
+windowed blocks through it too cuts the temporaries again (ViT-H 4.25 -> 2.11 GB,
+ViT-B 2.02 -> 1.63 GB) and the bytes accessed by 17% / 10%, for 1.5% / 1.9% more
+FLOPs (the padding). On these figures the encoder is bound by HBM traffic, not the
+MXU (ViT-H: 354 GB / 820 GB/s = 0.43 s vs 52 TFLOP / 197 TFLOP/s = 0.27 s), so the
+kernel is the choice for both kinds: TPU_DEFAULT. The explicit einsum does not fit a
+v5e at batch 8. Block sizes are untuned (no TPU to time them on); re-measure on a
+chip before trusting more than the memory figures.
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ def default_block_sizes(n: int, groups: int, block_q: Optional[int] = None,
 
 
 def _flash_kernel(q_ref, k_ref, v_ref, o_ref, *scratch, n_valid: int, block_k: int,
-                  num_k_blocks: int, mask_keys: bool, precision):
+                  num_k_blocks: int, mask_keys: bool, qk_precision, pv_precision):
   """One (groups, block_q) tile of queries against one block_k tile of keys.
 
   q_ref: (G, bq, Dp); k_ref: (G, bk, Dp); v_ref: (G, bk, Dvp); o_ref: (G, bq, Dvp).
@@ -129,7 +131,7 @@ def _flash_kernel(q_ref, k_ref, v_ref, o_ref, *scratch, n_valid: int, block_k: i
 
   for g in range(groups):  # static: G small matmuls per step
     q, k, v = q_ref[g], k_ref[g], v_ref[g]
-    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=qk_precision,
                         preferred_element_type=jnp.float32)  # (bq, bk)
     if mask_keys:
       # Padded keys get -inf: exp() is exactly 0. Every row has real keys in key
@@ -141,7 +143,7 @@ def _flash_kernel(q_ref, k_ref, v_ref, o_ref, *scratch, n_valid: int, block_k: i
       p = jnp.exp(s - m)
       l = jnp.sum(p, axis=1, keepdims=True)
       o = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                          precision=precision, preferred_element_type=jnp.float32)
+                          precision=pv_precision, preferred_element_type=jnp.float32)
       o_ref[g] = (o / l).astype(o_ref.dtype)
       continue
     m_prev, l_prev = m_ref[g], l_ref[g]  # (bq, 128)
@@ -151,7 +153,7 @@ def _flash_kernel(q_ref, k_ref, v_ref, o_ref, *scratch, n_valid: int, block_k: i
     l_ref[g] = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
     m_ref[g] = m_next
     o = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                        precision=precision, preferred_element_type=jnp.float32)
+                        precision=pv_precision, preferred_element_type=jnp.float32)
     acc_ref[g] = acc_ref[g] * alpha[:, :1] + o
 
   if num_k_blocks > 1:
@@ -176,15 +178,16 @@ def flash_attention_tpu(q2: jax.Array, k2: jax.Array, v: jax.Array, *,
     block_k: keys per tile (a multiple of 128); N is padded up to a multiple of it and
       the padded keys are masked exactly.
     block_g: (batch, head) groups per grid step (must divide B * heads).
-    interpret: run the kernel in the Pallas TPU interpreter (any backend, e.g. CPU
-      tests). `pltpu.force_tpu_interpret_mode()` has the same effect for every call.
+    interpret: run the kernel in the Pallas TPU interpreter (`pltpu.InterpretParams`:
+      on any backend, grid step by grid step; uninitialised VMEM reads give NaN), e.g.
+      for CPU tests. `pltpu.force_tpu_interpret_mode()` does this for every call.
 
   Returns:
     (B, N, heads, Dv) in v's dtype.
   """
-  if q2.ndim != 4 or k2.shape != q2.shape:
-    raise ValueError(f"q2 and k2 must both be (B, N, heads, D); got {q2.shape} and "
-                     f"{k2.shape}")
+  if q2.ndim != 4 or k2.shape != q2.shape or k2.dtype != q2.dtype:
+    raise ValueError(f"q2 and k2 must both be (B, N, heads, D) of one dtype; got "
+                     f"{q2.shape} {q2.dtype} and {k2.shape} {k2.dtype}")
   b, n, h, d = q2.shape
   if v.ndim != 4 or v.shape[:3] != (b, n, h):
     raise ValueError(f"v must be (B, N, heads, Dv) = ({b}, {n}, {h}, Dv); got {v.shape}")
@@ -206,10 +209,14 @@ def flash_attention_tpu(q2: jax.Array, k2: jax.Array, v: jax.Array, *,
 
   qg, kg, vg = grouped(q2, nq, dp), grouped(k2, nk, dp), grouped(v, nk, dvp)
   num_k_blocks = nk // bk
-  f32 = jnp.float32 in (jnp.dtype(q2.dtype), jnp.dtype(v.dtype))
+  # Explicit either way: a global jax_default_matmul_precision of "highest" (as the
+  # tests set) would otherwise ask Mosaic for fp32 contraction of bf16 operands, which
+  # it rejects. Each matmul's operands share a dtype (p is cast to v's).
+  precision = lambda dt: (lax.Precision.HIGHEST if jnp.dtype(dt) == jnp.float32 else
+                          lax.Precision.DEFAULT)
   kernel = functools.partial(
-      _flash_kernel, n_valid=n, block_k=bk, num_k_blocks=num_k_blocks,
-      mask_keys=nk > n, precision=lax.Precision.HIGHEST if f32 else None)
+      _flash_kernel, n_valid=n, block_k=bk, num_k_blocks=num_k_blocks, mask_keys=nk > n,
+      qk_precision=precision(q2.dtype), pv_precision=precision(v.dtype))
   scratch = []
   if num_k_blocks > 1:
     scratch = [pltpu.VMEM((bg, bq, LANES), jnp.float32),

@@ -173,9 +173,22 @@ class Runtime:
   # ------------------------------------------------------------------ traceable parts
   def encoder(self, params, images: jax.Array, valid_hw: Optional[jax.Array] = None
               ) -> jax.Array:
-    """`encode_image` with this runtime's dtype and kernels, for use inside a trace."""
-    return encode_image(params, images, self.config, self.dtype, valid_hw=valid_hw,
-                        attention=self.attention)
+    """`encode_image` with this runtime's dtype and kernels, for use inside a trace.
+
+    Over several devices with replicated parameters the batch is split by hand
+    (`shard_map`): every device runs the single-device program on its own images.
+    Pallas TPU kernels cannot be partitioned automatically, and this keeps the
+    per-device program the one a single device compiles.
+    """
+    fn = lambda p, x, hw: encode_image(p, x, self.config, self.dtype, valid_hw=hw,
+                                       attention=self.attention)
+    if self.num_devices == 1 or self.param_sharding is not None:
+      return fn(params, images, valid_hw)
+    if valid_hw is None:
+      return self.shard_map(lambda p, x: fn(p, x, None), in_specs=("replicated", "batch"),
+                            out_specs="batch")(params, images)
+    return self.shard_map(fn, in_specs=("replicated", "batch", "batch"),
+                          out_specs="batch")(params, images, valid_hw)
 
   def decoder(self, params, embeddings, points=None, labels=None, boxes=None,
               mask_input=None, *, multimask_output: bool = True):

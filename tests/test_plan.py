@@ -1,0 +1,273 @@
+"""`samjax.plan` / `samjax plan`: the bulk job compiled for TPU chips from this host.
+
+Needs XLA's TPU compiler (libtpu; skipped without it), no TPU. Compiling for a TPU is
+slow even for the tiny model (the v6e compiler retries small fusions in VMEM), so the
+tiny cases use 64x64 images and a 4x4 point grid: every program of the bulk job
+(encoder, crop_stats, crop_masks) still compiles, at small shapes. ViT-B compiles its
+encoder once, to check the FLOPs against an analytic count of what the compiled
+program computes. Measured on a busy 2-core host: ~3-5 min for the file.
+
+The encoder compiles with the TPU's default kernels ("auto"); SAMJAX_TEST_PLAN_ATTENTION
+names others (e.g. "fold_xla") to test everything else when the default does not
+compile.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+# Describing a chip loads libtpu, which takes /tmp/libtpu_lockfile; another JAX process
+# holding it must not fail this one (nothing here touches a real TPU). Read when libtpu
+# is first loaded, so before anything imports it. samjax.plan sets it too.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import pytest  # noqa: E402
+
+from samjax import plan as plan_lib  # noqa: E402
+from samjax.amg.options import AmgOptions  # noqa: E402
+
+pytest.importorskip("libtpu", reason="needs XLA's TPU compiler: pip install 'jax[tpu]'")
+
+# The encoder kernels under test: the TPU default ("auto"), unless this names others
+# (e.g. fold_xla, to test the rest while the default is broken).
+ATTENTION = os.environ.get("SAMJAX_TEST_PLAN_ATTENTION", "auto")
+SMALL = dict(image_hw=(64, 64), options=AmgOptions(points_per_side=4, points_per_batch=16),
+             attention=ATTENTION)
+SMALL_FLAGS = ["--image-size", "64x64", "--points-per-side", "4", "--points-per-batch", "16",
+               "--attention", ATTENTION]
+JOB = {"encode", "crop_stats", "crop_masks"}
+
+
+# ----------------------------------------------------------------------------------
+# An analytic count of the encoder's matmul FLOPs, for the kernels the plan compiles.
+# ----------------------------------------------------------------------------------
+def _up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def encoder_flops(cfg, attention) -> float:
+  """Matmul FLOPs per image of the encoder as samjax computes it (2 per MAC).
+
+  Patch embedding; per block the qkv projection (on the 70x70 padded grid when windows
+  are partitioned before projecting, else on the 64x64 real tokens), the attention
+  logits and values (per window or global), the decomposed relative positions, the
+  output projection (real tokens) and the MLP; the neck's 1x1 and 3x3 convolutions.
+  The folded kernels attend with q/k widened by the relative-position channels
+  (hd + side_h + side_w, rounded up to 8). "fold_xla" pads v to that width too; the
+  Pallas kernel ("fold_tpu") pads q/k and v to 128 lanes, queries to 8 rows and keys
+  to 128 (512-row tiles above 1024 tokens), and declares the padded work as its cost.
+  """
+  g = cfg.embedding_size
+  n, c = g * g, cfg.encoder_embed_dim
+  heads, ws = cfg.encoder_num_heads, cfg.window_size
+  hidden = int(c * cfg.mlp_ratio)
+  hd = c // heads
+  gp = _up(g, ws)
+  macs = n * cfg.patch_size ** 2 * 3 * c
+  for i in range(cfg.encoder_depth):
+    glob = i in cfg.encoder_global_attn_indexes
+    kernel = attention.kernel(not glob)
+    groups, per, side = (1, n, g) if glob else ((gp // ws) ** 2, ws * ws, ws)
+    qkv_tokens = n if glob or attention.project_first else gp * gp
+    rows = keys = per
+    d_qk = d_v = hd
+    if kernel.startswith("fold"):
+      d_qk = _up(hd + 2 * side, 8)
+      d_v = d_qk if kernel == "fold_xla" else hd
+    if kernel == "fold_tpu":
+      single = per <= 1024
+      rows, keys = (_up(per, 8), _up(per, 128)) if single else (_up(per, 512),) * 2
+      d_qk, d_v = _up(d_qk, 128), _up(d_v, 128)
+    macs += qkv_tokens * c * 3 * c + n * c * c + 2 * n * c * hidden
+    macs += groups * heads * rows * keys * (d_qk + d_v)
+    macs += groups * per * c * 2 * side  # q . R_h and q . R_w
+  macs += n * c * cfg.prompt_embed_dim + n * 9 * cfg.prompt_embed_dim ** 2
+  return 2.0 * macs
+
+
+def _tested_attention():
+  from samjax.modeling import attention  # pylint: disable=import-outside-toplevel
+  return attention.resolve(attention.AttentionConfig.parse(ATTENTION), "tpu", "bfloat16")
+
+
+# ----------------------------------------------------------------------------------
+# Compiled plans (module scope: each compile is tens of seconds).
+# ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_v5e():
+  return plan_lib.plan("v5e:2x2", model="tiny", batch_size=4, decoder_prompts=(1,), **SMALL)
+
+
+@pytest.fixture(scope="module")
+def tiny_v6e():
+  return plan_lib.plan("v6e:2x4", model="tiny", batch_size=8, decoder_prompts=(), **SMALL)
+
+
+def _check_job(report, chips):
+  assert report.num_devices == chips and report.devices_per_chip == 1
+  names = [p.name for p in report.programs]
+  assert JOB <= set(names), names
+  assert {p.name for p in report.job_programs} == JOB
+  for p in report.programs:
+    assert p.compiled, (p.name, p.error)
+    assert p.fits and 0 < p.total_bytes < 0.9 * report.capacity_bytes, p.to_dict()
+    assert p.argument_bytes > 0 and p.flops > 0 and p.bytes_accessed > 0, p.to_dict()
+    assert p.roofline_s and p.roofline_s > 0, p.to_dict()
+  assert report.ok and not report.failures()
+  assert 0 < report.job_peak_bytes < report.capacity_bytes
+  assert report.images_per_s_per_chip() > 0
+  # Per call, the job processes each image's one (full-image) crop once per program.
+  for p in report.job_programs:
+    assert math.isclose(p.calls_per_image * p.items, 1.0), p.to_dict()
+
+
+def test_tiny_bulk_job_compiles_and_fits_v5e(tiny_v5e):
+  _check_job(tiny_v5e, 4)
+  enc = tiny_v5e.program("encode")
+  assert enc.in_job and enc.items == 4 and enc.items_per_device == 1
+  decode = [p for p in tiny_v5e.programs if p.name == "decode"]
+  assert len(decode) == 1 and not decode[0].in_job
+  text = tiny_v5e.format()
+  assert "NOT timings" in text and "OK: every program compiles and fits" in text
+
+
+def test_tiny_bulk_job_compiles_and_fits_v6e(tiny_v6e):
+  _check_job(tiny_v6e, 8)
+  assert tiny_v6e.device_kind == "TPU v6 lite"
+  assert tiny_v6e.chip is plan_lib.CHIPS["v6e"]
+
+
+def test_flops_are_plausible(tiny_v5e, tiny_v6e):
+  import samjax  # pylint: disable=import-outside-toplevel
+  expected = encoder_flops(samjax.tiny, _tested_attention())
+  for report in (tiny_v5e, tiny_v6e):
+    got = report.program("encode").flops_per_item
+    # Besides matmuls XLA counts the elementwise work (LayerNorm, softmax, GELU),
+    # which is a larger share of the tiny model than of the real ones.
+    assert 0.9 * expected < got < 1.5 * expected, (got, expected)
+    # The job's FLOPs per image add the decoder and the mask upsampling to those.
+    assert report.job_flops_per_image > got
+
+
+@pytest.mark.slow
+def test_vit_b_encoder_flops_match_the_analytic_count():
+  import samjax  # pylint: disable=import-outside-toplevel
+  # One chip, one image: a single compile (~90 s of CPU), which is also the job's.
+  report = plan_lib.plan("v5e:1x1", model="vit_b", batch_size=1, programs=("encode",),
+                         attention=ATTENTION)
+  enc = report.program("encode")
+  assert enc.compiled and enc.fits and enc.in_job, enc.to_dict()
+  expected = encoder_flops(samjax.vit_b, _tested_attention())
+  assert abs(enc.flops_per_item / expected - 1) < 0.2, (enc.flops_per_item, expected)
+  # ViT-B's float32 parameters are ~0.36 GB per device, all of them arguments.
+  assert 0.3e9 < enc.argument_bytes < 0.5e9, enc.argument_bytes
+
+
+# ----------------------------------------------------------------------------------
+# The command line.
+# ----------------------------------------------------------------------------------
+def test_cli_batch_that_cannot_fit_fails_with_one_line(tiny_v5e, capsys):
+  from samjax.cli import main  # pylint: disable=import-outside-toplevel
+  # The job's encoder calls (1 crop per device) are the fixture's: a cache hit; only
+  # the 65536-image step compiles, and the compiler refuses it at once.
+  rc = main(["plan", "--target", "v5e:2x2", "--model", "tiny", "--batch-size", "65536",
+             "--crops-per-device", "1", "--programs", "encode", "--json", "--quiet",
+             *SMALL_FLAGS])
+  out, err = capsys.readouterr()
+  assert rc == 1, err
+  report = json.loads(out)
+  assert report["ok"] is False and report["failures"]
+  step = report["programs"][0]
+  assert step["name"] == "encode" and step["items"] == 65536 and not step["fits"]
+  assert "needs" in step["error"] and "GiB" in step["error"], step["error"]
+  assert [p["fits"] for p in report["programs"][1:]] == [True]  # the job's encoder
+  lines = [l for l in err.splitlines() if l.strip()]
+  assert len(lines) == 1 and lines[0].startswith("samjax plan: encode (65536 x"), err
+  assert "does not fit" in lines[0] and "Traceback" not in err, err
+
+
+def test_cli_json_of_a_plan_that_fits(tiny_v5e, capsys):
+  from samjax.cli import main  # pylint: disable=import-outside-toplevel
+  # The fixture's crop programs (the encoder is not needed for them): cache hits.
+  rc = main(["plan", "--target", "v5e:2x2", "--model", "tiny", "--batch-size", "4",
+             "--programs", "crop_stats,crop_masks", "--json", *SMALL_FLAGS])
+  out, err = capsys.readouterr()
+  assert rc == 0, err
+  report = json.loads(out)
+  assert report["ok"] and not report["failures"] and report["num_devices"] == 4
+  assert "NOT timings" in report["disclaimer"]
+  assert {p["name"] for p in report["programs"]} == {"crop_stats", "crop_masks"}
+  assert report["chip"]["source"].startswith("https://cloud.google.com/tpu/docs/")
+  assert "compiling crop_stats" in err  # progress goes to stderr, JSON alone to stdout
+
+
+def test_cli_setup_errors_are_one_line(monkeypatch, capsys):
+  from samjax.cli import main  # pylint: disable=import-outside-toplevel
+  assert main(["plan", "--target", "v7x:2x2"]) == 2
+  err = capsys.readouterr().err
+  assert "unknown target 'v7x:2x2'" in err and len(err.strip().splitlines()) == 1
+  # No TPU compiler: the message says what to install.
+  monkeypatch.setattr(plan_lib, "_topology_devices", plan_lib._topology_devices.__wrapped__)
+  monkeypatch.setitem(__import__("sys").modules, "libtpu", None)
+  assert main(["plan", "--target", "v5e:2x2"]) == 2
+  err = capsys.readouterr().err
+  assert "samjax[tpu]" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------------
+# Pieces that need no compile.
+# ----------------------------------------------------------------------------------
+def test_chip_table_cites_its_sources():
+  for name, chip in plan_lib.CHIPS.items():
+    assert chip.source == f"https://cloud.google.com/tpu/docs/{name}"
+    assert chip.peak_flops > 1e14 and chip.hbm_bytes > 1e10 and chip.hbm_bandwidth > 5e11
+
+
+def test_topologies_are_one_host():
+  # libtpu's default describes v5e:2x4 as two hosts of 2x2; a v5litepod-8 VM is one.
+  assert len(plan_lib.topology_devices("v5e:2x4")) == 8
+  assert len(plan_lib.topology_devices("v5e:1x1")) == 1
+  v4 = plan_lib.topology_devices("v4:2x2x1")  # one device per TensorCore
+  assert len(v4) == 8 and plan_lib.device_spec(v4).devices_per_chip == 2
+  v5p = plan_lib.topology_devices("v5p:2x2x1")  # megacore: one device per chip
+  assert len(v5p) == 4 and plan_lib.device_spec(v5p).devices_per_chip == 1
+  with pytest.raises(plan_lib.PlanError, match="2-D"):
+    plan_lib.topology_devices("v5e:2x2x1")
+
+
+def test_job_calls_follow_the_generator():
+  import samjax  # pylint: disable=import-outside-toplevel
+  opts = AmgOptions()
+  # 8 images on 1 chip: two calls of 4 crops (the generator's most per device).
+  (call,) = plan_lib.job_calls(samjax.vit_h, opts, (1024, 1024), 8, 1, 4)
+  assert (call.n_batches, call.bucket, call.per_device, call.calls_per_image) == \
+      (16, (1024, 1024), 4, 0.25)
+  # 8 images on 4 chips: one call, 2 per device; 6 images: still 2 per device (padded).
+  (call,) = plan_lib.job_calls(samjax.vit_h, opts, (1024, 1024), 6, 4, 4)
+  assert call.per_device == 2
+  # Crop layers add buckets: 4 layer-1 crops of 686-687 px (bucket 768) per 1024 image.
+  calls = plan_lib.job_calls(samjax.vit_h, opts.replace(crop_n_layers=1), (1024, 1024), 1,
+                             1, 4)
+  assert {(c.bucket, c.per_device) for c in calls} == {((1024, 1024), 1), ((768, 768), 4)}
+
+
+def test_batch_search_brackets_the_largest_fit():
+  def measure_with(cap, fixed, per_item, limit):
+    def measure(k):
+      p = plan_lib.ProgramPlan("encode", "", False, 2 * k, "image", 2, capacity_bytes=cap)
+      need = fixed + per_item * k
+      if need > limit:
+        p.error, p.needed_bytes = "out of HBM", int(need)
+      else:
+        p.argument_bytes = int(need)
+      return p
+    return measure
+
+  for fixed, per_item, start in ((2.6e9, 1.1e9, 8), (0.4e9, 0.05e9, 1), (15e9, 1e9, 4)):
+    measure = measure_with(16e9, fixed, per_item, 16.9e9)
+    best, log, _ = plan_lib._search(measure, measure(start))  # pylint: disable=protected-access
+    truth = [k for k in range(1, 1025) if measure(k).fits]
+    assert best == (2 * max(truth) if truth else None), log
+    assert len(log) <= 8, log

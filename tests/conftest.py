@@ -14,6 +14,9 @@ import os
 # would otherwise look for a local TPU at start-up in every process, subprocesses
 # included; compiling *for* TPU chips from this host works with JAX_PLATFORMS=cpu.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# libtpu takes a process-wide lockfile; tests that describe TPU chips (and their
+# subprocesses) must not fail because another JAX process holds it.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
 import numpy as np

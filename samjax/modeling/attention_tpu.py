@@ -51,8 +51,13 @@ ViT-B 2.02 -> 1.63 GB) and the bytes accessed by 17% / 10%, for 1.5% / 1.9% more
 FLOPs (the padding). On these figures the encoder is bound by HBM traffic, not the
 MXU (ViT-H: 354 GB / 820 GB/s = 0.43 s vs 52 TFLOP / 197 TFLOP/s = 0.27 s), so the
 kernel is the choice for both kinds: TPU_DEFAULT. The explicit einsum does not fit a
-v5e at batch 8. Block sizes are untuned (no TPU to time them on); re-measure on a
-chip before trusting more than the memory figures.
+v5e at batch 8 (and reads 3-5x the bytes where it fits). The windowed choice is the
+close one: on a v6e at batch 8, and at batch 1 on either chip, the two windowed
+options need the same temporaries (within 0.2 GB) and XLA's reads up to 10% fewer
+bytes for ViT-B (18.6 vs 20.1 GB at batch 1 on v5e), while the kernel reads fewer for
+ViT-H; only timings on a chip can settle that, so the kernel stays the default for
+the memory it saves at batch 8. Block sizes are untuned (no TPU to time them on).
+Every model / batch / chip: the table printed by benchmarks/tpu_compile.py.
 """
 
 from __future__ import annotations

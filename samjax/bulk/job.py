@@ -89,6 +89,7 @@ class JobSummary:
     error: the job-level error that stopped the run (e.g. a full disk), if any.
     unlogged: failure records that could not be written to `failures_path`
       (printed to stderr instead).
+    masks: masks (annotations) in the outputs this run wrote.
   """
   total: int
   done: int
@@ -104,6 +105,7 @@ class JobSummary:
   interrupted: Optional[str] = None
   error: Optional[str] = None
   unlogged: int = 0
+  masks: int = 0
 
   @property
   def exit_code(self) -> int:
@@ -130,8 +132,8 @@ class JobSummary:
     if self.not_run:
       parts.append(f"{self.not_run} not run")
     text = (f"samjax bulk{shard}: {self.total} images: {', '.join(parts)} in "
-            f"{self.elapsed_s:.1f} s ({self.images_per_s:.2f} img/s); outputs in "
-            f"{self.out_dir}")
+            f"{self.elapsed_s:.1f} s ({self.images_per_s:.2f} img/s); {self.masks} masks "
+            f"written; outputs in {self.out_dir}")
     if self.failed:
       text += f"; failures listed in {self.failures_path}"
     if self.unlogged:
@@ -321,7 +323,8 @@ def run_job(inputs: Sequence[PathLike], out_dir: PathLike, generate_batch: Gener
             num_workers: int = 4, prefetch: int = 2, progress: bool = True,
             max_pixels: int | None = DEFAULT_MAX_PIXELS, *, plan: JobPlan | None = None,
             claims: bool = True, claim_timeout_s: float = DEFAULT_TIMEOUT_S,
-            handle_signals: bool = True) -> JobSummary:
+            handle_signals: bool = True, overwrite: bool = False,
+            provenance: Optional[dict] = None, report: bool = True) -> JobSummary:
   """Runs automatic mask generation over many images, resumably.
 
   Args:
@@ -352,6 +355,10 @@ def run_job(inputs: Sequence[PathLike], out_dir: PathLike, generate_batch: Gener
       (a claim of a dead process on this host is taken over at once).
     handle_signals: in the main thread, the first SIGINT/SIGTERM stops the job after
       the images in flight (the second stops it at once).
+    overwrite: recompute every image of the shard, valid outputs included.
+    provenance: stored under "provenance" in every record written
+      (`samjax.bulk.provenance.Provenance.record()`).
+    report: print the notes and the summary (errors are printed regardless).
 
   Returns:
     The `JobSummary` (also printed to stderr); exit with `summary.exit_code`: 0, 1 if
@@ -381,7 +388,7 @@ def run_job(inputs: Sequence[PathLike], out_dir: PathLike, generate_batch: Gener
 
   failures = FailureLog(os.path.join(out_dir, "failures.jsonl" if plan.process_count == 1
                                      else f"failures.{plan.process_index}.jsonl"))
-  for note in plan.notes:
+  for note in plan.notes if report else ():
     print(f"samjax bulk: note: {note}", file=sys.stderr)
   if plan.process_index == 0:  # Every process lists the same inputs; one reports.
     for path, reason in plan.problems:
@@ -392,7 +399,7 @@ def run_job(inputs: Sequence[PathLike], out_dir: PathLike, generate_batch: Gener
     return is_valid_output(outputs[p]) and (not overlays or
                                             os.path.isfile(overlay_path(outputs[p])))
 
-  todo = [p for p in plan.shard if not finished(p)]
+  todo = list(plan.shard) if overwrite else [p for p in plan.shard if not finished(p)]
   skipped = len(plan.shard) - len(todo)
   # One listing of the leftovers of killed writes; each goes when its image is claimed
   # (then nobody else is writing it), including the `*.<pid>.<hex>.tmp` of old versions.
@@ -409,7 +416,7 @@ def run_job(inputs: Sequence[PathLike], out_dir: PathLike, generate_batch: Gener
     except OSError as e:
       raise JobError(f"cannot create claims in {out_dir}: {_reason(e)}") from None
 
-  state = {"done": 0, "failed_images": 0, "elsewhere": 0, "error": None}
+  state = {"done": 0, "failed_images": 0, "elsewhere": 0, "error": None, "masks": 0}
   succeeded: set[str] = set()
   stop = _StopOnSignal(handle_signals)
 
@@ -439,7 +446,7 @@ def run_job(inputs: Sequence[PathLike], out_dir: PathLike, generate_batch: Gener
             else:
               deferred.append(p)
             continue
-          if finished(p):  # Done by another job since we listed.
+          if not overwrite and finished(p):  # Done by another job since we listed.
             held.release(outputs[p])
             state["elsewhere"] += 1
             continue
@@ -474,6 +481,8 @@ def run_job(inputs: Sequence[PathLike], out_dir: PathLike, generate_batch: Gener
           try:
             record = sa1b_record(path, image_id_for(json_path, out_dir), image.shape[:2],
                                  anns)
+            if provenance is not None:
+              record["provenance"] = provenance
             if overlays:
               write_overlay(overlay_path(json_path), image, record, overlay_fn)
             write_record(json_path, record)
@@ -484,6 +493,7 @@ def run_job(inputs: Sequence[PathLike], out_dir: PathLike, generate_batch: Gener
               break
             continue
           state["done"] += 1
+          state["masks"] += len(record["annotations"])
           succeeded.add(path)
           if held is not None:
             held.release(json_path)
@@ -510,8 +520,9 @@ def run_job(inputs: Sequence[PathLike], out_dir: PathLike, generate_batch: Gener
         elapsed_s=time.monotonic() - start, out_dir=out_dir, failures_path=failures.path,
         process_index=plan.process_index, process_count=plan.process_count,
         elsewhere=state["elsewhere"], not_run=max(not_run, 0), interrupted=stop.name,
-        error=state["error"], unlogged=len(failures.unwritten))
-    print(summary, file=sys.stderr)
+        error=state["error"], unlogged=len(failures.unwritten), masks=state["masks"])
+    if report:
+      print(summary, file=sys.stderr)
   if state["error"]:
     raise JobError(state["error"], summary)
   return summary

@@ -67,8 +67,9 @@ def add_max_pixels_argument(group, default: int) -> None:
                           "OpenCV try formats whose header samjax cannot read)")
 
 
-def resolve_dtype(name: str, command: str) -> str:
-  """--dtype: "auto" becomes bfloat16 on TPUs and GPUs and float32 on CPUs (printed).
+def resolve_dtype(name: str, command: str, verbose: bool = True) -> str:
+  """--dtype: "auto" becomes bfloat16 on TPUs and GPUs and float32 on CPUs (printed
+  when `verbose`).
 
   Call it once the devices are known (after `jax.distributed.initialize()`).
   """
@@ -77,8 +78,9 @@ def resolve_dtype(name: str, command: str) -> str:
   import jax  # pylint: disable=import-outside-toplevel
   platform = jax.devices()[0].platform.lower()
   dtype = "float32" if platform == "cpu" else "bfloat16"
-  print(f"samjax {command}: computing in {dtype} (--dtype auto on {platform})",
-        file=sys.stderr)
+  if verbose:
+    print(f"samjax {command}: computing in {dtype} (--dtype auto on {platform})",
+          file=sys.stderr)
   return dtype
 
 

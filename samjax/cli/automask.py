@@ -16,14 +16,15 @@ from samjax.amg.options import AmgOptions
 from samjax.cli import EXIT_EPILOG
 from samjax.cli._common import add_compute_arguments, add_max_pixels_argument, \
     check_checkpoint_arg, check_writable_dir, load_model_from_args, non_negative_int, \
-    positive_int
+    positive_int, resolve_dtype
 from samjax.io.images import DEFAULT_MAX_PIXELS
 
-HELP = "automatic masks for many images (SA-1B style JSON)"
+HELP = "automatic masks for many images (SA-1B style JSON, or amg.py's files)"
 DESCRIPTION = (
     "Run the automatic mask generator over image files, folders (searched recursively, "
-    "symlinked folders followed once) and list files, writing one SA-1B style JSON "
-    "(COCO RLE masks) per image. The output folder and the inputs are checked before "
+    "symlinked folders followed once) and list files, writing per image one SA-1B style "
+    "JSON (COCO RLE masks) or the files of the official scripts/amg.py "
+    "(--output-format). The output folder and the inputs are checked before "
     "the model is loaded. Resumable: a rerun skips images whose output is complete. "
     "Broken images and unlistable folders are listed in failures.jsonl and the job goes "
     "on; an image that succeeds later leaves that list. Jobs started on the same --out "
@@ -35,6 +36,9 @@ EPILOG = EXIT_EPILOG
 # Share of a device's memory the encoder may take with --batch-size auto: the rest is
 # for the mask decoder's pipeline (which bounds its own share) and the runtime.
 AUTO_MEMORY_FRACTION = 0.5
+
+# `samjax.bulk.layouts.FORMATS`, here so that --help imports no bulk code (tested equal).
+OUTPUT_FORMATS = ("sa1b", "amg-json", "amg-png")
 
 # The job always writes COCO RLE, so the generator's output mode is not a flag.
 _FIXED_OPTIONS = {"output_mode": "coco_rle"}
@@ -81,8 +85,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                       help="image files, folders (searched recursively) or text files "
                            "listing one path per line")
   parser.add_argument("--out", required=True, metavar="DIR",
-                      help="output folder: one SA-1B style JSON per image (created; must "
-                           "not be an input folder or contain one)")
+                      help="output folder: one output per image, see --output-format "
+                           "(created; must not be an input folder or contain one)")
+  parser.add_argument("--output-format", choices=OUTPUT_FORMATS, default=OUTPUT_FORMATS[0],
+                      help="sa1b (the default): one SA-1B style JSON per image, named by its "
+                           "path with the extension (sub/cat.jpg -> sub/cat.jpg.json). "
+                           "amg-json: the official scripts/amg.py --convert-to-rle output, "
+                           "<stem>.json, a list of the generator's records with COCO RLE "
+                           "masks. amg-png: amg.py's default output, a folder <stem>/ of "
+                           "<i>.png masks and metadata.csv. The amg names are the official "
+                           "ones for a flat folder; subfolders are kept (amg.py flattens "
+                           "them), and images whose names would collide (cat.jpg and cat.png) "
+                           "keep their extension (cat.jpg.json, cat.png.json)")
 
   model = parser.add_argument_group("model")
   model.add_argument("--checkpoint", metavar="CKPT",
@@ -98,7 +112,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
   job = parser.add_argument_group("job")
   job.add_argument("--overlays", action="store_true",
-                   help="also write <name>.png mask overlays next to the JSON files")
+                   help="also write <name>.png mask overlays next to the outputs (for "
+                        "amg-png: next to each image's folder)")
   job.add_argument("--batch-size", type=batch_size_arg, default="auto", metavar="N|auto",
                    help="images per generator call. auto (the default): on GPUs and TPUs, "
                         "chosen once per job as the most crops per device, up to what the "
@@ -112,6 +127,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="batches decoded ahead of the device (default: %(default)s)")
   add_max_pixels_argument(job, DEFAULT_MAX_PIXELS)
   job.add_argument("--no-progress", action="store_true", help="no progress bar")
+  job.add_argument("--quiet", action="store_true",
+                   help="print only errors (the exit status says how the job ended)")
+  job.add_argument("--overwrite", action="store_true",
+                   help="recompute every image, valid outputs included, and rewrite the "
+                        "job manifest (samjax_job.json). Without it, a rerun with the same "
+                        "model, checkpoint, dtype, generator settings and output format "
+                        "resumes, and one with any of them changed stops before loading "
+                        "the model, naming what differs")
   job.add_argument("--compilation-cache", default=None, metavar="DIR",
                    help="persistent XLA compilation cache: reruns and other hosts sharing "
                         "it skip compilation (default: xla/ in samjax's cache folder, "
@@ -243,12 +266,47 @@ def auto_batch_size(generator, fraction: float = AUTO_MEMORY_FRACTION,
 
 
 def resolve_batch_size(args: argparse.Namespace, generator) -> int:
-  """--batch-size, with "auto" resolved once (and printed)."""
+  """--batch-size, with "auto" resolved once (and printed unless --quiet)."""
   if args.batch_size != "auto":
     return int(args.batch_size)
   batch, why = auto_batch_size(generator)
-  print(f"samjax automask: batch size {batch} (--batch-size auto: {why})", file=sys.stderr)
+  if not getattr(args, "quiet", False):
+    print(f"samjax automask: batch size {batch} (--batch-size auto: {why})", file=sys.stderr)
   return batch
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+  if not getattr(args, "quiet", False):
+    print(f"samjax automask: {text}", file=sys.stderr)
+
+
+def _attention_text(generator) -> Optional[str]:
+  """The generator's resolved encoder kernels as "WINDOWED/GLOBAL" (None: unknown)."""
+  attention = getattr(getattr(generator, "runtime", None), "attention", None)
+  if attention is None:
+    return None
+  return f"{attention.window}/{attention.global_attn}"
+
+
+def _checkpoint_text(ckpt: dict) -> str:
+  """--checkpoint as the start lines show it: path, format and digest."""
+  sha = ckpt.get("sha256")
+  of = {"file": "of the file", "source": "of the .pth it was converted from",
+        "official": "official, verified on download"}.get(ckpt.get("sha256_of"), "")
+  parts = [f"sha256 {sha[:12]}... ({of})" if sha else None,
+           f"params sha256 {ckpt['params_sha256'][:12]}..." if ckpt.get("params_sha256")
+           else None]
+  digest = "; ".join(p for p in parts if p)
+  return f"{ckpt.get('path')} ({ckpt.get('format')}{'; ' + digest if digest else ''})"
+
+
+def _devices_info() -> dict:
+  """Backend, device kind and count, process index and count (what JAX sees)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  devices = jax.devices()
+  return {"backend": jax.default_backend(), "device_kind": devices[0].device_kind,
+          "device_count": len(devices), "local_device_count": jax.local_device_count(),
+          "process_index": jax.process_index(), "process_count": jax.process_count()}
 
 
 def _maybe_initialize_distributed(args: argparse.Namespace) -> None:
@@ -271,8 +329,12 @@ def run_automask(args: argparse.Namespace,
   Everything that can fail without the model is checked first, in this order: the
   generator options, --checkpoint exists, the compilation cache folder (with the
   default `make_generator`), (--distributed: the cluster), the output folder and the
-  inputs (`samjax.bulk.plan_job`). Then the model is loaded and --batch-size auto
-  resolved.
+  inputs (`samjax.bulk.plan_job`), the job manifest of the output folder against this
+  run (`samjax.bulk.provenance.check_manifest`: the checkpoint is identified by its
+  SHA-256 without loading it). Then the model is loaded, --batch-size auto resolved,
+  the manifest written (or checked again, now with the model type and kernels), and
+  the start lines printed: backend, devices, processes, model, checkpoint, dtype,
+  batch size, attention kernels, output format.
 
   Args:
     args: parsed arguments.
@@ -289,20 +351,58 @@ def run_automask(args: argparse.Namespace,
   Raises:
     samjax.bulk.JobError, ValueError, FileNotFoundError: see above (exit status 2).
   """
-  from samjax.bulk import plan_job, run_job  # pylint: disable=import-outside-toplevel
-  options_from_args(args)  # Wrong combinations fail before any heavy work.
+  # pylint: disable=import-outside-toplevel
+  from samjax.bulk import plan_job, provenance, run_job
+  options = options_from_args(args)  # Wrong combinations fail before any heavy work.
   check_checkpoint_arg(args)
   if make_generator is None:
     check_compilation_cache(args.compilation_cache)
     make_generator = globals()["make_generator"]
   _maybe_initialize_distributed(args)
-  plan = plan_job(args.inputs, args.out)
+  plan = plan_job(args.inputs, args.out, output_format=getattr(args, "output_format", None)
+                  or OUTPUT_FORMATS[0])
+  quiet = getattr(args, "quiet", False)
+  overwrite = getattr(args, "overwrite", False)
+  args.dtype = resolve_dtype(args.dtype, "automask", verbose=not quiet)
+  where = _devices_info()
+  _say(args, f"backend {where['backend']}: {where['device_count']} device(s) "
+             f"({where['device_kind']}; {where['local_device_count']} in this process), "
+             f"process {where['process_index']} of {where['process_count']}")
+  hint = provenance.accelerator_hint(where["backend"])
+  if hint:
+    _say(args, f"warning: {hint}")
+  output_format = (getattr(plan, "output_format", None) or getattr(args, "output_format", None)
+                   or provenance.DEFAULT_OUTPUT_FORMAT)
+  prov = provenance.Provenance.create(
+      checkpoint=provenance.checkpoint_identity(args.checkpoint, args.model),
+      options=options, dtype=args.dtype, attention_requested=args.attention,
+      output_format=output_format)
+  _, notes = provenance.check_manifest(plan.out_dir, prov, list(plan.outputs.values()),
+                                       overwrite=overwrite)
+  for note in notes:
+    _say(args, f"note: resuming a job whose manifest records another {note} (this does "
+               "not change outputs beyond rounding; each output records its own)")
   generator = make_generator(args)
+  batch_size = resolve_batch_size(args, generator)
+  runtime = getattr(generator, "runtime", None)
+  prov = prov.replace(
+      model_type=getattr(getattr(runtime, "config", None), "name", None) or prov.model_type,
+      attention=_attention_text(generator))
+  manifest, wrote = provenance.ensure_manifest(
+      plan.out_dir, prov, {**where, "batch_size": batch_size, "overlays": args.overlays,
+                           "max_pixels": args.max_pixels},
+      overwrite=overwrite, process_index=plan.process_index)
+  _say(args, f"model {prov.model_type or '?'}, checkpoint {_checkpoint_text(prov.checkpoint)}")
+  _say(args, f"dtype {prov.dtype}, batch size {batch_size}, attention "
+             f"{prov.attention or prov.attention_requested}, output format {output_format}")
+  _say(args, f"job manifest {manifest.path} ({'written' if wrote else 'checked'}; settings "
+             f"sha256 {manifest.settings_sha256[:12]}...)")
   return run_job(args.inputs, args.out, generator.generate_batch,
-                 batch_size=resolve_batch_size(args, generator), overlays=args.overlays,
+                 batch_size=batch_size, overlays=args.overlays,
                  overlay_fn=overlay_fn, num_workers=args.num_workers, prefetch=args.prefetch,
-                 progress=not args.no_progress, max_pixels=args.max_pixels or None,
-                 plan=plan, claim_timeout_s=args.claim_timeout)
+                 progress=not (args.no_progress or quiet), max_pixels=args.max_pixels or None,
+                 plan=plan, claim_timeout_s=args.claim_timeout, overwrite=overwrite,
+                 provenance=prov.record(), report=not quiet)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -24,9 +24,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
   return parser
 
 
+TORCH_MISSING = ("samjax export-torch writes .pth files with PyTorch, which is not "
+                 "installed: pip install \"samjax[torch]\" (reading official .pth files, "
+                 "e.g. samjax convert, needs no torch)")
+
+
 def run(args: argparse.Namespace) -> int:
   """`samjax export-torch`: Orbax params -> official `.pth`; returns the exit status."""
   # pylint: disable=import-outside-toplevel
+  try:
+    import torch  # noqa: F401  pylint: disable=unused-import
+  except ImportError:
+    print(f"samjax export-torch: error: {TORCH_MISSING}", file=sys.stderr)
+    return 2
   from samjax.io.checkpoint import CheckpointError
   from samjax.train.export import export_torch, load_hint
   try:

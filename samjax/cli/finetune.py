@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -87,16 +88,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
   return parser
 
 
+# TrainConfig field -> the flag that sets it, so that its errors name the flag.
+_FLAGS = {"total_steps": "--steps", "warmup_steps": "--warmup-steps",
+          "end_lr_ratio": "--end-lr-ratio", "weight_decay": "--weight-decay",
+          "grad_clip_norm": "--grad-clip", "batch_size": "--batch-size",
+          "instances_per_image": "--instances-per-image", "prompt_iters": "--prompt-iters",
+          "box_fraction": "--box-fraction", "loss_resolution": "--loss-resolution",
+          "eval_every": "--eval-every", "save_every": "--save-every",
+          "keep_last": "--keep-last", "log_every": "--log-every",
+          "eval_batch_size": "--eval-batch-size", "val_max_images": "--val-max-images",
+          "hflip": "--hflip", "train": "--train", "dtype": "--dtype",
+          "attention": "--attention", "lr": "--lr", "seed": "--seed"}
+_FIELD_RE = re.compile(r"\b(" + "|".join(sorted(_FLAGS, key=len, reverse=True)) + r")\b")
+
+
+def _check_steps(args: argparse.Namespace) -> None:
+  """--steps against --warmup-steps, in the flags' own words."""
+  if args.warmup_steps < 0:
+    raise ValueError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
+  if args.warmup_steps >= args.steps:
+    raise ValueError(f"--steps {args.steps} is too few: the learning-rate warmup takes "
+                     f"--warmup-steps {args.warmup_steps} (default {TrainConfig().warmup_steps}), and "
+                     "training needs at least one step after it; give --steps more than "
+                     "--warmup-steps, or fewer --warmup-steps")
+
+
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
   """The TrainConfig named by the parsed `samjax finetune` arguments.
 
   Without --attention, $SAMJAX_ATTENTION_IMPL (else "auto") is read here, once, so
   that the run's config (run.json, checkpoints, the resume check) records it.
+
+  Raises:
+    ValueError: a bad value, named by its flag (`--steps`, not `total_steps`).
   """
+  _check_steps(args)
   attention = args.attention
   if attention is None:
     from samjax.runtime.engine import ENV_ATTENTION  # pylint: disable=import-outside-toplevel
     attention = os.environ.get(ENV_ATTENTION, "").strip() or "auto"
+  try:
+    return _train_config(args, attention)
+  except ValueError as e:
+    raise ValueError(_FIELD_RE.sub(lambda m: _FLAGS[m.group(1)], str(e))) from None
+
+
+def _train_config(args: argparse.Namespace, attention: str) -> TrainConfig:
   return TrainConfig(
       train=args.train, lr=args.lr, warmup_steps=args.warmup_steps, total_steps=args.steps,
       end_lr_ratio=args.end_lr_ratio, weight_decay=args.weight_decay,
@@ -136,6 +173,9 @@ def run(args: argparse.Namespace) -> int:
   except (CheckpointError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  from samjax.train.plots import matplotlib_missing
+  if matplotlib_missing():
+    print(f"warning: {matplotlib_missing()}", file=sys.stderr)
   print(f"finetune: {config.name} ({source}), train={tc.train}, {len(train_data)} training "
         f"images" + (f", {len(val_data)} validation images" if val_data else "")
         + f", {jax.device_count()} device(s)", file=sys.stderr)

@@ -32,7 +32,6 @@ import secrets
 import shutil
 import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -654,8 +653,19 @@ def _check_destination(dst: Path, overwrite: bool) -> bool:
 
 
 def _make_temp_dir(parent: Path, name: str) -> Path:
-  tmp = Path(tempfile.mkdtemp(prefix=f".{name}.samjax-tmp-{_host_tag()}-{os.getpid()}-",
-                              dir=parent))
+  # Not tempfile.mkdtemp: its 0700 would become the checkpoint's mode after the rename,
+  # unreadable to the rest of a team on shared storage. mkdir applies the umask (0755
+  # under the usual 022) like any folder the user makes.
+  prefix = f".{name}.samjax-tmp-{_host_tag()}-{os.getpid()}-"
+  for _ in range(100):
+    tmp = parent / (prefix + secrets.token_hex(4))
+    try:
+      tmp.mkdir()
+      break
+    except FileExistsError:
+      continue
+  else:
+    raise CheckpointError(f"cannot create a temporary directory in {parent}")
   (tmp / _TMP_MARKER).write_text("a samjax checkpoint being written; safe to delete if no "
                                  "samjax process is running\n")
   return tmp

@@ -84,7 +84,8 @@ API = [
     ("GET", "/api/bulk/record", "?path= one output: {image, annotations, has_picture}"),
     ("GET", "/api/bulk/image", "?path= the picture of an output (from --images) as PNG"),
     ("GET", "/api/bulk/failures", "the records of failures*.jsonl"),
-    ("GET", "/api/bulk/settings", "the job's settings file (job.json) if any, and counts"),
+    ("GET", "/api/bulk/settings", "the job's manifest (samjax_job.json) or settings file "
+                                  "if any, and counts"),
 ]
 
 

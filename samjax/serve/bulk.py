@@ -2,9 +2,11 @@
 
 The folder (`--masks`) holds one SA-1B style JSON per image (`samjax.bulk.outputs`:
 `{"image": {...}, "annotations": [{"segmentation": COCO RLE, "predicted_iou",
-"stability_score", "area", "bbox", ...}]}`), `failures*.jsonl`, and perhaps a
-`job.json` with the job's settings (shown when present; `samjax automask` does not
-write one yet, so the viewer also sums up what the records themselves say).
+"stability_score", "area", "bbox", ...}], "provenance": {...}}`), `failures*.jsonl`,
+and the job manifest `samjax_job.json` that `samjax automask` writes
+(`samjax.bulk.provenance`), shown as the job's settings (a hand-written `job.json` or
+`settings.json` is shown where there is no manifest); the viewer also sums up what the
+records themselves say.
 
 Every path comes from the browser and goes through `samjax.serve.paths.resolve_under`.
 A JSON that does not parse or does not have the SA-1B shape is reported as broken,
@@ -27,7 +29,7 @@ MAX_JSON_BYTES = 256 << 20
 #: Files listed at most.
 MAX_LISTED = 100_000
 #: Settings files shown when present at the top of the folder.
-SETTINGS_NAMES = ("job.json", "settings.json")
+SETTINGS_NAMES = ("samjax_job.json", "job.json", "settings.json")
 _COUNTS_CHARS = frozenset(chr(c) for c in range(48, 48 + 64))
 
 

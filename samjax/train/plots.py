@@ -4,9 +4,23 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from samjax.io.files import atomic_open
+
+
+MATPLOTLIB_MISSING = ("curves.png is not written: it needs matplotlib, which is not "
+                      "installed (pip install \"samjax[viz]\"); log.json holds the same "
+                      "numbers")
+
+
+def matplotlib_missing() -> Optional[str]:
+  """`MATPLOTLIB_MISSING` when matplotlib cannot be imported, else None."""
+  try:
+    import matplotlib  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    return MATPLOTLIB_MISSING
+  return None
 
 
 def plot_curves(log: Mapping[str, Any], path: str | os.PathLike) -> None:
@@ -15,7 +29,14 @@ def plot_curves(log: Mapping[str, Any], path: str | os.PathLike) -> None:
   Args:
     log: the run's log (`train` and `eval` records, `train_config`).
     path: the PNG to write (replaced atomically).
+
+  Raises:
+    ImportError: matplotlib is not installed (`MATPLOTLIB_MISSING`: the message
+      names the `viz` extra).
   """
+  missing = matplotlib_missing()
+  if missing:
+    raise ImportError(missing)
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel

@@ -1,8 +1,11 @@
 """The job's inputs: listing files, folders and list files; sharding; decoding ahead.
 
-Listing is deterministic (sorted absolute paths), so every process of a multi-process
-job computes the same list and takes a disjoint strided share of it. Decoding runs
-in threads ahead of the generator, with a bound on how many images are alive.
+Inputs are local paths or URLs of any fsspec protocol (`s3://bucket/imgs`,
+`gs://...`; see `samjax.bulk.store`), mixed freely; a list file may be a URL and may
+list URLs. Listing is deterministic (sorted absolute paths and normalized URLs), so
+every process of a multi-process job computes the same list and takes a disjoint
+strided share of it. Decoding runs in threads ahead of the generator, with a bound
+on how many images are alive.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ import functools
 import itertools
 import os
 import warnings
-from typing import Callable, Iterable, Iterator, Sequence, Union
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
+from samjax.bulk import store
 from samjax.io.images import DEFAULT_MAX_PIXELS, BadImageError, load_image
 from samjax.io.prefetch import prefetch_map
 
@@ -39,8 +43,9 @@ def _has_image_ext(path: str) -> bool:
 
 
 def is_under(path: str, root: str) -> bool:
-  """Whether absolute `path` is `root` or lies inside it (both normalized)."""
-  return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+  """Whether absolute `path` is `root` or lies inside it (both normalized; local
+  paths or URLs, never one inside the other)."""
+  return store.is_under(path, root)
 
 
 def _is_under_any(path: str, roots: Sequence[str]) -> bool:
@@ -117,15 +122,54 @@ def _walk_images(root: str, excluded: Sequence[str], visited: set, problems: lis
   return found
 
 
-def _read_list_file(path: str) -> list[str]:
-  """Absolute entries of a text file listing one path per line.
+def _walk_url_images(root: str, excluded: Sequence[str], problems: list, notes: list
+                     ) -> list[str]:
+  """Image objects under URL `root`, recursively (an object store has no links).
 
-  Blank lines and lines whose first non-blank character is "#" are ignored;
-  relative entries are resolved against the list file's folder.
+  Hidden entries (a path segment starting with ".") are skipped, as on local disks;
+  so are objects under an excluded location (the job's output), with a note.
   """
   try:
-    with open(path, "rb") as f:
-      raw = f.read()
+    found = store.store_for(root).find(root)
+  except OSError as e:
+    problems.append((root, f"cannot list folder: {_reason(e)}"))
+    return []
+  images, skipped = [], set()
+  for url in found:
+    rel = store.relpath(url, root)
+    if any(part.startswith(".") for part in rel.split("/")):
+      continue
+    ex = next((x for x in excluded if is_under(url, x)), None)
+    if ex is not None:
+      skipped.add(ex)
+      continue
+    if _has_image_ext(url):
+      images.append(url)
+  for ex in sorted(skipped):
+    notes.append(f"skipped {ex}: it is the output folder (outputs are never inputs)")
+  return images
+
+
+def _list_entry(base: str, line: str) -> str:
+  """A list file's line as a normalized path or URL (relative: to the list's folder)."""
+  if store.is_url(line):
+    return store.norm(line)
+  if store.is_url(base):
+    if os.path.isabs(line) or line.startswith("~"):
+      return os.path.abspath(os.path.expanduser(line))  # A local path in a remote list.
+    return store.norm(store.join(base, line))
+  return os.path.abspath(os.path.join(base, os.path.expanduser(line)))
+
+
+def _read_list_file(path: str) -> list[str]:
+  """Absolute entries of a text file listing one path (or URL) per line.
+
+  Blank lines and lines whose first non-blank character is "#" are ignored;
+  relative entries are resolved against the list file's folder (for a list file at
+  a URL: its "folder" there).
+  """
+  try:
+    raw = store.read_bytes(path)
   except OSError as e:
     raise ValueError(f"cannot read list file {path!r}: {e.strerror or e}") from e
   if b"\0" in raw:
@@ -135,14 +179,22 @@ def _read_list_file(path: str) -> list[str]:
     text = raw.decode("utf-8-sig")
   except UnicodeDecodeError as e:
     raise ValueError(f"list file {path!r} is not UTF-8 text: {e}") from e
-  base = os.path.dirname(path)
+  base = store.dirname(path)
   entries = []
   for line in text.splitlines():
     line = line.strip()
     if not line or line.startswith("#"):
       continue
-    entries.append(os.path.abspath(os.path.join(base, os.path.expanduser(line))))
+    entries.append(_list_entry(base, line))
   return entries
+
+
+def _url_kind(url: str, raw: str) -> Optional[str]:
+  """"dir", "file" or None for an input URL; store errors name the input."""
+  try:
+    return store.store_for(url).kind(url)
+  except OSError as e:
+    raise FileNotFoundError(f"input {raw!r} cannot be reached: {_reason(e)}") from None
 
 
 def scan_inputs(inputs: Iterable[PathLike], exclude_dirs: Sequence[PathLike] = ()
@@ -155,12 +207,38 @@ def scan_inputs(inputs: Iterable[PathLike], exclude_dirs: Sequence[PathLike] = (
     InputError: a named folder is an excluded folder or lies inside one (the job
       excludes its output folder: walking it would list nothing, or our outputs).
   """
-  excluded = [os.path.realpath(os.fspath(d)) for d in exclude_dirs]
+  excluded = [store.norm(d) if store.is_url(d) else os.path.realpath(os.fspath(d))
+              for d in exclude_dirs]
   images: set[str] = set()
   folders: set[str] = set()
+
+  def add_listed(entry: str) -> None:
+    is_dir = (_url_kind(entry, entry) == "dir" if store.is_url(entry)
+              else os.path.isdir(entry))
+    if is_dir:
+      folders.add(entry)
+    else:
+      # Listed files are taken as images whatever their extension; a missing
+      # one fails at load time (recorded in failures) instead of aborting a
+      # job over a stale line in a million-line list.
+      images.add(entry)
+
   for raw in inputs:
     raw = os.fspath(raw)
-    path = os.path.abspath(os.path.expanduser(raw))
+    if store.is_url(raw):
+      url = store.norm(raw)
+      kind = _url_kind(url, raw)
+      if kind == "dir":
+        folders.add(url)
+      elif kind == "file" and _has_image_ext(url):
+        images.add(url)
+      elif kind == "file":
+        for entry in _read_list_file(url):
+          add_listed(entry)
+      else:
+        raise FileNotFoundError(f"input {raw!r} does not exist")
+      continue
+    path = store.LOCAL.norm(raw)
     if os.path.isdir(path):
       folders.add(path)
     elif os.path.isfile(path):
@@ -168,13 +246,7 @@ def scan_inputs(inputs: Iterable[PathLike], exclude_dirs: Sequence[PathLike] = (
         images.add(path)  # Named files are taken even inside an excluded folder.
         continue
       for entry in _read_list_file(path):
-        if os.path.isdir(entry):
-          folders.add(entry)
-        else:
-          # Listed files are taken as images whatever their extension; a missing
-          # one fails at load time (recorded in failures) instead of aborting a
-          # job over a stale line in a million-line list.
-          images.add(entry)
+        add_listed(entry)
     elif os.path.lexists(path):
       raise FileNotFoundError(f"input {raw!r} is neither a file nor a folder (broken link?)")
     elif os.path.isdir(os.path.dirname(path)) and not os.access(os.path.dirname(path),
@@ -183,7 +255,7 @@ def scan_inputs(inputs: Iterable[PathLike], exclude_dirs: Sequence[PathLike] = (
     else:
       raise FileNotFoundError(f"input {raw!r} does not exist")
   for folder in sorted(folders):
-    real = os.path.realpath(folder)
+    real = folder if store.is_url(folder) else os.path.realpath(folder)
     for ex in excluded:
       if real == ex:
         raise InputError(f"the input folder {folder} is the output folder; write the "
@@ -196,6 +268,15 @@ def scan_inputs(inputs: Iterable[PathLike], exclude_dirs: Sequence[PathLike] = (
   visited: set = set()
   # Outer folders first, so a nested named folder is recognised as already walked.
   for folder in sorted(folders, key=lambda f: (f.count(os.sep), f)):
+    if store.is_url(folder):
+      if any(o != folder and is_under(folder, o) for o in folders):
+        continue  # Its objects are listed with the outer folder.
+      n_problems = len(problems)
+      found = _walk_url_images(folder, excluded, problems, notes)
+      if not found and len(problems) == n_problems:
+        problems.append((folder, NO_IMAGES))
+      images.update(found)
+      continue
     try:
       st = os.stat(folder)
     except OSError as e:
@@ -230,20 +311,24 @@ def list_inputs(inputs: Sequence[PathLike], exclude_dirs: Sequence[PathLike] = (
   """Expands image files, folders and list files into a sorted list of images.
 
   Args:
-    inputs: each item is an image file (kept whatever it contains), a folder
+    inputs: each item is a local path or a URL (`samjax.bulk.store`): an image
+      file (kept whatever it contains), a folder
       (searched recursively for extensions in `IMAGE_EXTENSIONS`, any case; hidden
       entries skipped; symlinked folders followed, each folder listed once so
       links cannot loop), or any other file, read as a UTF-8 list of paths: one per
       line, blank lines and full-line `#` comments ignored, relative entries
-      resolved against the list file's folder. Listed entries may be folders
-      (expanded) or files (kept whatever their extension). List files do not nest.
+      resolved against the list file's folder; a list file may be a URL and may
+      list URLs. Listed entries may be folders (expanded) or files (kept whatever
+      their extension). List files do not nest. On object stores a "folder" is a
+      key prefix, and hidden means a path segment starting with ".".
     exclude_dirs: folders whose contents are never listed by a folder walk (the job
       passes its output folder so overlay PNGs are not picked up as inputs on a
       rerun); image files named directly are kept.
 
   Returns:
-    Absolute, normalized, deduplicated paths in lexicographic order (the same on
-    every process that sees the same files at the same paths).
+    Absolute, normalized, deduplicated paths (and normalized URLs) in
+    lexicographic order (the same on every process that sees the same files at
+    the same paths).
 
   Raises:
     FileNotFoundError: an item of `inputs` does not exist.
@@ -301,6 +386,12 @@ def resolve_process(process_index: int | None, process_count: int | None
 # ---------------------------------------------------------------------------- decoding
 
 
+def load_input_image(path: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+  """`samjax.io.images.load_image` of a local path or a URL (read through its store)."""
+  opener = store.open_read if store.is_url(path) else None
+  return load_image(path, max_pixels=max_pixels, opener=opener)
+
+
 def _safe_load(load_fn: Callable[[str], np.ndarray], path: str) -> LoadResult:
   """Never raises (except BaseException): errors come back as BadImageError."""
   try:
@@ -329,12 +420,12 @@ def prefetch_batches(paths: Iterable[str], batch_size: int, *,
       paths are taken when it starts decoding), so it may be a generator that
       claims each image as it goes.
     batch_size: images per batch (the last batch may be smaller).
-    load_fn: path -> (H, W, 3) uint8; defaults to
-      `samjax.io.images.load_image(path, max_pixels)`. Its `BadImageError` (or any
+    load_fn: path -> (H, W, 3) uint8; defaults to `load_input_image(path,
+      max_pixels)` (local files and URLs). Its `BadImageError` (or any
       other exception) is returned in place of the image.
     num_workers: decoding threads.
     prefetch: batches decoded ahead; 0 decodes each batch only when asked for.
-    max_pixels: passed to the default `load_image`.
+    max_pixels: passed to the default `load_input_image`.
 
   Yields:
     Lists of `(path, image or samjax.io.images.BadImageError)` in input order.
@@ -343,7 +434,7 @@ def prefetch_batches(paths: Iterable[str], batch_size: int, *,
     raise ValueError(f"need batch_size >= 1, num_workers >= 1, prefetch >= 0; got "
                      f"{batch_size}, {num_workers}, {prefetch}")
   if load_fn is None:
-    load_fn = functools.partial(load_image, max_pixels=max_pixels)
+    load_fn = functools.partial(load_input_image, max_pixels=max_pixels)
   source = iter(paths)
   chunks = iter(lambda: list(itertools.islice(source, batch_size)), [])
   decoders = concurrent.futures.ThreadPoolExecutor(num_workers,

@@ -21,6 +21,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from samjax.bulk import store
 from samjax.bulk.claims import DEFAULT_TIMEOUT_S, Claims
 from samjax.bulk.inputs import IMAGE_EXTENSIONS, NO_IMAGES, PathLike, prefetch_batches, \
     resolve_process, scan_inputs, shard_inputs
@@ -182,9 +183,16 @@ def check_output_dir(out_dir: PathLike) -> bool:
   Returns:
     Whether the folder was created by this call.
 
+  At a URL (`samjax.bulk.store`) nothing is created (object stores have no
+  folders): a probe object is uploaded and deleted, which fails on a missing bucket,
+  missing credentials or no permission.
+
   Raises:
     JobError: a regular file in the path, no permission, read-only or full disk.
+    samjax.bulk.store.StoreError: an unknown protocol, or its package is missing.
   """
+  if store.is_url(out_dir):
+    return _check_output_url(store.norm(out_dir))
   out_dir = os.path.abspath(os.fspath(out_dir))
   existing = out_dir
   while not os.path.lexists(existing):
@@ -210,6 +218,20 @@ def check_output_dir(out_dir: PathLike) -> bool:
   return created
 
 
+def _check_output_url(out_dir: str) -> bool:
+  where = store.store_for(out_dir)
+  try:
+    if where.kind(out_dir) == "file":
+      raise JobError(f"cannot use {out_dir} as the output folder: it is an object, not a "
+                     "folder (prefix)")
+    probe = where.join(out_dir, f".samjax-write-test.{socket.gethostname()}.{os.getpid()}")
+    where.write_bytes(probe, b"samjax checks that this location takes new objects\n")
+    where.remove(probe)
+  except OSError as e:
+    raise JobError(f"cannot write to the output folder {out_dir}: {_reason(e)}") from None
+  return False
+
+
 def plan_job(inputs: Sequence[PathLike], out_dir: PathLike, process_index: int | None = None,
              process_count: int | None = None) -> JobPlan:
   """Checks the output folder and lists the inputs; what `run_job` does first.
@@ -222,7 +244,7 @@ def plan_job(inputs: Sequence[PathLike], out_dir: PathLike, process_index: int |
     FileNotFoundError / ValueError: a missing input, an unreadable list file, an
       input folder that is (or is inside) the output folder.
   """
-  out_dir = os.path.abspath(os.fspath(out_dir))
+  out_dir = store.norm(out_dir)
   process_index, process_count = resolve_process(process_index, process_count)
   created = check_output_dir(out_dir)
   try:
@@ -380,14 +402,14 @@ def run_job(inputs: Sequence[PathLike], out_dir: PathLike, generate_batch: Gener
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   if plan is None:
     plan = plan_job(inputs, out_dir, process_index, process_count)
-  elif plan.out_dir != os.path.abspath(os.fspath(out_dir)):
+  elif plan.out_dir != store.norm(out_dir):
     raise ValueError(f"the plan is for {plan.out_dir}, not {out_dir}")
   out_dir, outputs = plan.out_dir, plan.outputs
   if overlays and overlay_fn is None:
     from samjax.viz import overlay_anns as overlay_fn  # pylint: disable=import-outside-toplevel
 
-  failures = FailureLog(os.path.join(out_dir, "failures.jsonl" if plan.process_count == 1
-                                     else f"failures.{plan.process_index}.jsonl"))
+  failures = FailureLog(store.join(out_dir, "failures.jsonl" if plan.process_count == 1
+                                    else f"failures.{plan.process_index}.jsonl"))
   for note in plan.notes if report else ():
     print(f"samjax bulk: note: {note}", file=sys.stderr)
   if plan.process_index == 0:  # Every process lists the same inputs; one reports.
@@ -397,20 +419,24 @@ def run_job(inputs: Sequence[PathLike], out_dir: PathLike, generate_batch: Gener
 
   def finished(p: str) -> bool:
     return is_valid_output(outputs[p]) and (not overlays or
-                                            os.path.isfile(overlay_path(outputs[p])))
+                                            store.exists(overlay_path(outputs[p])))
 
   todo = list(plan.shard) if overwrite else [p for p in plan.shard if not finished(p)]
   skipped = len(plan.shard) - len(todo)
   # One listing of the leftovers of killed writes; each goes when its image is claimed
   # (then nobody else is writing it), including the `*.<pid>.<hex>.tmp` of old versions.
-  temps = files.find_temps(out_dir, recursive=True, legacy=True) if todo else {}
+  # Object stores have no temporaries (whole-object uploads).
+  local_out = not store.is_url(out_dir)
+  temps = files.find_temps(out_dir, recursive=True, legacy=True) if todo and local_out else {}
   if progress:
     print(f"samjax bulk: {len(plan.images)} images listed; process {plan.process_index}/"
           f"{plan.process_count} has {len(plan.shard)}, {skipped} already done, "
           f"{len(todo)} to run", file=sys.stderr)
 
   held = None
-  if claims and todo:
+  # Claims are O_EXCL files: local folders only. Processes of one job at a URL split
+  # the work by sharding; separate jobs on one URL would each do every image.
+  if claims and todo and local_out:
     try:
       held = Claims(out_dir, claim_timeout_s)
     except OSError as e:
@@ -510,10 +536,10 @@ def run_job(inputs: Sequence[PathLike], out_dir: PathLike, generate_batch: Gener
     failures.compact(succeeded, relisted=plan.process_index == 0)
     if plan.process_count == 1:  # Logs of earlier multi-process runs on this folder.
       with contextlib.suppress(OSError):
-        for name in sorted(os.listdir(out_dir)):
+        for name in store.store_for(out_dir).listdir(out_dir):
           if name.startswith("failures.") and name.endswith(".jsonl") and \
-              name != os.path.basename(failures.path):
-            FailureLog(os.path.join(out_dir, name)).compact(succeeded, relisted=True)
+              name != store.basename(failures.path):
+            FailureLog(store.join(out_dir, name)).compact(succeeded, relisted=True)
     not_run = len(todo) - state["done"] - state["failed_images"] - state["elsewhere"]
     summary = JobSummary(
         total=len(plan.shard), done=state["done"], skipped=skipped, failed=failures.count,

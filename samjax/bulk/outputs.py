@@ -6,14 +6,17 @@
 * `write_overlay`: the optional PNG next to the JSON.
 * `FailureLog`: the JSON-lines file of images that failed, and why.
 
-Every output is written with `samjax.io.files.atomic_write`, so a file under its final
-name is always complete, whatever killed the job. The failure log is appended to
-with `samjax.io.files.append_text` and compacted with `rewrite_text`, which several
-jobs sharing the folder may do at once.
+Every output is written whole through `samjax.bulk.store` (locally
+`samjax.io.files.atomic_write`; on object stores one whole-object upload), so a file
+under its final name is always complete, whatever killed the job. Locally the failure
+log is appended to with `samjax.io.files.append_text` and compacted with
+`rewrite_text`, which several jobs sharing the folder may do at once; at a URL it is
+rewritten whole (see `FailureLog`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -27,6 +30,7 @@ from typing import Any, Callable, Collection, Optional, Sequence, Union
 
 import numpy as np
 
+from samjax.bulk import store
 from samjax.bulk.inputs import is_under
 from samjax.io import files
 from samjax.masks import decode_rle, rle_area, rle_bbox, to_coco_rle
@@ -68,20 +72,22 @@ def output_path_for(path: PathLike, input_roots: Sequence[PathLike], out_dir: Pa
   Returns:
     Absolute path of the JSON file. The overlay, if any, is `overlay_path` of it.
   """
-  path = os.path.abspath(os.fspath(path))
-  out_dir = os.path.abspath(os.fspath(out_dir))
-  roots = sorted({os.path.abspath(os.fspath(r)) for r in input_roots})
+  path = store.norm(path)
+  out_dir = store.norm(out_dir)
+  out = store.store_for(out_dir)
+  roots = sorted({store.norm(r) for r in input_roots})
   outermost = [r for r in roots if not any(o != r and is_under(r, o) for o in roots)]
   containing = [r for r in outermost if is_under(path, r) and path != r]
   if containing:
     root = containing[0]  # Outermost roots are disjoint, so there is only one.
-    rel = os.path.relpath(path, root)
+    rel = store.relpath(path, root)
     if len(outermost) > 1:
-      tag = os.path.basename(root.rstrip(os.sep)) or "root"
-      rel = os.path.join(f"{tag}-{_short_hash(root, 8)}", rel)
-    return os.path.join(out_dir, rel + ".json")
-  stem = os.path.splitext(os.path.basename(path))[0]
-  return os.path.join(out_dir, f"{stem}-{_short_hash(path)}.json")
+      tag = store.basename(root) or "root"
+      rel = f"{tag}-{_short_hash(root, 8)}/{rel}"
+    # Relative parts may come from a URL ("/") and go to a local folder, or back.
+    return out.join(out_dir, *rel.replace(os.sep, "/").split("/")) + ".json"
+  stem = os.path.splitext(store.basename(path))[0]
+  return out.join(out_dir, f"{stem}-{_short_hash(path)}.json")
 
 
 def overlay_path(json_path: str) -> str:
@@ -95,7 +101,7 @@ def image_id_for(json_path: str, out_dir: str) -> int:
   The same on every run and machine; 52 bits, so it stays exact as a JSON (double)
   number.
   """
-  rel = os.path.relpath(json_path, out_dir)
+  rel = store.relpath(json_path, out_dir)
   return int(hashlib.sha1(rel.encode("utf-8", "surrogateescape")).hexdigest()[:13], 16)
 
 
@@ -110,8 +116,7 @@ def is_valid_output(path: PathLike) -> bool:
   with a `segmentation` RLE dict (`size`, `counts`). Never raises.
   """
   try:
-    with open(path, "rb") as f:
-      record = json.load(f)
+    record = json.loads(store.read_bytes(os.fspath(path)))
     image = record["image"]
     anns = record["annotations"]
     ok = (isinstance(image, dict) and isinstance(image["file_name"], str)
@@ -178,8 +183,8 @@ def sa1b_record(path: str, image_id: int, hw: tuple[int, int],
 
 
 def write_record(json_path: str, record: dict[str, Any]) -> None:
-  """Writes a record as compact JSON, atomically."""
-  files.atomic_write(json_path, json.dumps(record, separators=(",", ":")))
+  """Writes a record as compact JSON, whole (never visible half-written)."""
+  store.write_bytes(json_path, json.dumps(record, separators=(",", ":")))
 
 
 def write_overlay(png_path: str, image: np.ndarray, record: dict[str, Any],
@@ -197,7 +202,7 @@ def write_overlay(png_path: str, image: np.ndarray, record: dict[str, Any],
   ok, buf = cv2.imencode(".png", np.ascontiguousarray(vis))
   if not ok:
     raise ValueError("PNG encoding of the overlay failed")
-  files.atomic_write(png_path, buf.tobytes())
+  store.write_bytes(png_path, buf.tobytes())
 
 
 # ----------------------------------------------------------------------------- failures
@@ -218,13 +223,21 @@ class FailureLog:
   stderr instead, so the job can stop cleanly and say why. At the end of a run
   `compact` drops the records that are no longer true (see there).
 
+  At a URL (an object store has no appends) the log is one object rewritten whole:
+  the earlier runs' records are read once, and the whole text is uploaded again at
+  most every `flush_s` seconds while failures come, and at `compact`. A kill loses
+  at most the records of the last `flush_s` seconds (those images have no output,
+  so the rerun tries them again). Only one writer per log object: the processes of
+  a job write one log each, and jobs sharing a URL output are not supported.
+
   Args:
-    path: the JSONL file.
+    path: the JSONL file (local path or URL).
     run_id: marks this run's records (default: host, pid, start time and a random
       token).
+    flush_s: at a URL, the longest time a record waits to be uploaded.
   """
 
-  def __init__(self, path: str, run_id: Optional[str] = None):
+  def __init__(self, path: str, run_id: Optional[str] = None, flush_s: float = 2.0):
     self.path = path
     self.run_id = run_id or (f"{socket.gethostname()}:{os.getpid()}:{time.time():.0f}:"
                              f"{secrets.token_hex(3)}")
@@ -232,6 +245,41 @@ class FailureLog:
     self.unwritten: list[str] = []
     self.write_error: Optional[OSError] = None
     self._lock = threading.Lock()
+    self._remote = store.is_url(path)
+    self._flush_s = flush_s
+    self._text: Optional[str] = None  # At a URL: the whole log as it should be.
+    self._dirty = False
+    self._flushed_at = 0.0
+
+  def _remote_text(self) -> str:
+    """At a URL: the log's text, read from the store on first use."""
+    if self._text is None:
+      try:
+        self._text = store.read_bytes(self.path).decode("utf-8", "replace")
+      except FileNotFoundError:
+        self._text = ""
+    return self._text
+
+  def _remote_append(self, line: str) -> None:
+    text = self._remote_text()
+    if text and not text.endswith("\n"):
+      text += "\n"  # A torn last line of an earlier writer: keep ours separate.
+    self._text = text + line
+    self._dirty = True
+    if time.monotonic() - self._flushed_at >= self._flush_s:
+      self.flush()
+
+  def flush(self) -> None:
+    """At a URL: uploads the whole log if records wait (a no-op locally).
+
+    Raises:
+      OSError: the upload failed (the records stay waiting).
+    """
+    if not self._remote or not self._dirty:
+      return
+    store.write_bytes(self.path, self._text or "")
+    self._dirty = False
+    self._flushed_at = time.monotonic()
 
   def add(self, image_path: str, stage: str, reason: str, output: Optional[str] = None
           ) -> None:
@@ -242,7 +290,10 @@ class FailureLog:
       self.count += 1
       if self.write_error is None:
         try:
-          files.append_text(self.path, line + "\n")
+          if self._remote:
+            self._remote_append(line + "\n")
+          else:
+            files.append_text(self.path, line + "\n")
           return
         except OSError as e:
           self.write_error = e
@@ -286,12 +337,15 @@ class FailureLog:
         if relisted and rec.get("stage") == "list" and rec.get("run") != self.run_id:
           continue
         out = rec.get("output")
-        if isinstance(out, str) and os.path.exists(out) and is_done(out):
+        if isinstance(out, str) and store.exists(out) and is_done(out):
           continue
         lines.append(line + "\n")
       new = "".join(lines)
       return text if new == text else new
 
+    if self._remote:
+      with self._lock:
+        return self._compact_remote(keep)
     try:
       if not os.path.exists(self.path):
         if not self.unwritten:
@@ -302,3 +356,21 @@ class FailureLog:
       return False
     self.unwritten = []
     return changed
+
+  def _compact_remote(self, keep: Callable[[str], Optional[str]]) -> bool:
+    try:
+      old = self._remote_text()
+      new = keep(old)
+      if new == old and not self._dirty:
+        return False
+      if new:
+        self._text, self._dirty = new, True
+        self.flush()
+      else:
+        with contextlib.suppress(FileNotFoundError):
+          store.remove(self.path)
+        self._text, self._dirty = "", False
+    except (OSError, ValueError):
+      return False
+    self.unwritten = []
+    return True

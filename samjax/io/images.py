@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import re
 import struct
-from typing import Any, Iterator, NamedTuple, Optional, Tuple, Union
+from typing import Any, BinaryIO, Callable, Iterator, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
@@ -451,13 +451,16 @@ def _misnamed(path: str, header: Optional[ImageSize]) -> str:
 
 
 def load_image(path: PathLike, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
-               exif_orientation: bool = True) -> np.ndarray:
+               exif_orientation: bool = True,
+               opener: Optional[Callable[[str], BinaryIO]] = None) -> np.ndarray:
   """Reads an image file as uint8 RGB, or raises `BadImageError` with a reason.
 
   See `decode_image` for the arguments and the conversions (those of `cv2.imread`).
   The format is sniffed from the content, never taken from the extension (a PNG
   named .jpg decodes as PNG). With a pixel limit, the header is read first and an
   image declaring too many pixels is refused without reading the rest of the file.
+  `opener(path)` opens something else than a local file for binary reading (e.g.
+  an fsspec URL, `samjax.bulk.store.open_read`); its OSErrors become the reason.
 
   Returns:
     (H, W, 3) uint8 RGB array, C-contiguous.
@@ -469,9 +472,9 @@ def load_image(path: PathLike, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
   path = os.fspath(path)
   header = None
   try:
-    if os.path.isdir(path):
+    if opener is None and os.path.isdir(path):
       raise BadImageError("is a folder, not an image file")
-    with open(path, "rb") as f:
+    with (open(path, "rb") if opener is None else opener(path)) as f:
       data = f.read(_HEADER_BYTES)
       header = read_image_size(data)
       if header is not None and header.width is not None:

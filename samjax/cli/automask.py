@@ -377,11 +377,8 @@ def run_automask(args: argparse.Namespace,
       checkpoint=provenance.checkpoint_identity(args.checkpoint, args.model),
       options=options, dtype=args.dtype, attention_requested=args.attention,
       output_format=output_format)
-  _, notes = provenance.check_manifest(plan.out_dir, prov, list(plan.outputs.values()),
-                                       overwrite=overwrite)
-  for note in notes:
-    _say(args, f"note: resuming a job whose manifest records another {note} (this does "
-               "not change outputs beyond rounding; each output records its own)")
+  provenance.check_manifest(plan.out_dir, prov, list(plan.outputs.values()),
+                            overwrite=overwrite)
   generator = make_generator(args)
   batch_size = resolve_batch_size(args, generator)
   runtime = getattr(generator, "runtime", None)
@@ -392,6 +389,9 @@ def run_automask(args: argparse.Namespace,
       plan.out_dir, prov, {**where, "batch_size": batch_size, "overlays": args.overlays,
                            "max_pixels": args.max_pixels},
       overwrite=overwrite, process_index=plan.process_index)
+  for note in () if wrote else provenance.differences(manifest.provenance, prov)[1]:
+    _say(args, f"note: resuming a job whose manifest records another {note}: this does "
+               "not change outputs beyond rounding, and each output records its own")
   _say(args, f"model {prov.model_type or '?'}, checkpoint {_checkpoint_text(prov.checkpoint)}")
   _say(args, f"dtype {prov.dtype}, batch size {batch_size}, attention "
              f"{prov.attention or prov.attention_requested}, output format {output_format}")

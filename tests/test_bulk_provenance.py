@@ -352,3 +352,28 @@ def test_the_bulk_viewer_shows_the_manifest(job):
   assert settings["settings"]["provenance"]["model_type"] == "tiny"
   assert settings["outputs"] == 3
   assert prov_lib.MANIFEST_NAME not in [i["path"] for i in folder.listing()["items"]]
+
+
+def test_the_manifest_at_an_fsspec_url(monkeypatch):
+  """`--out s3://...` and the like: the manifest goes through samjax.bulk.store."""
+  fsspec = pytest.importorskip("fsspec")
+  from samjax.bulk import store
+  fs = fsspec.filesystem("memory")
+  monkeypatch.setattr(store, "_STORES", {"memory": store.FsspecStore("memory", fs)})
+  out = "memory://provenance-test/out"
+  base = prov_lib.Provenance.create(
+      checkpoint={"path": "/x.pth", "format": "pth", "sha256": "b" * 64,
+                  "sha256_of": "file", "params_sha256": None, "model_type": "tiny"},
+      options=AmgOptions(output_mode="coco_rle"), dtype="float32",
+      attention_requested="auto")
+  try:
+    assert prov_lib.check_manifest(out, base) == (None, [])
+    manifest, wrote = prov_lib.ensure_manifest(out, base)
+    assert wrote and manifest.path == out + "/" + prov_lib.MANIFEST_NAME
+    assert prov_lib.read_manifest(out).settings_sha256 == base.settings_sha256()
+    assert prov_lib.ensure_manifest(out, base)[1] is False
+    with pytest.raises(prov_lib.ManifestMismatch, match="generator.points_per_side: 32 -> 4"):
+      prov_lib.check_manifest(out, base.replace(generator={**base.generator,
+                                                           "points_per_side": 4}))
+  finally:
+    fs.rm("/provenance-test", recursive=True)

@@ -779,3 +779,13 @@ def test_automask_end_to_end_with_the_tiny_model(tmp_path, capsys):
   assert "batch size 1 (--batch-size auto: one image per CPU device (1))" in err
   got = outputs(out)
   assert len(got) == 2 and sum(len(r["annotations"]) for r in got.values()) > 0
+  # The real model's provenance: its config and resolved kernels, as the manifest says.
+  manifest = json.loads((out / "samjax_job.json").read_text())
+  for record in got.values():
+    prov = record["provenance"]
+    assert prov["model_type"] == "tiny" and prov["dtype"] == "float32"
+    assert "auto" not in prov["attention"] and "/" in prov["attention"]
+    assert prov["settings_sha256"] == manifest["settings_sha256"]
+    assert {k: v for k, v in prov.items() if k not in ("settings_sha256", "manifest")} == \
+        manifest["provenance"]
+  assert f"attention {prov['attention']}, output format sa1b" in err

@@ -45,6 +45,8 @@ _URL_RE = re.compile(r"^(?P<protocol>[A-Za-z][A-Za-z0-9+.-]*)://(?P<rest>.*)$", 
 _PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs",
              "abfs": "adlfs", "http": "aiohttp", "https": "aiohttp"}
 _INSTALL_HINT = "pip install 'samjax[cloud]'"
+# Protocols whose first path segment is a bucket (container) that must exist.
+_BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss"})
 
 
 class StoreError(ValueError):
@@ -203,16 +205,26 @@ class FsspecStore:
     """
     try:
       info = self.fs.info(url)
-    except FileNotFoundError as e:
-      if self._bucket_missing(url, e):
-        raise _as_os_error(e, url) from None
+    except FileNotFoundError:
+      self.check_bucket(url)
       return None
     except Exception as e:
       raise _as_os_error(e, url) from None
     return "dir" if info.get("type") == "directory" else "file"
 
-  def _bucket_missing(self, url: str, e: BaseException) -> bool:
-    return "bucket" in str(e).lower()
+  def check_bucket(self, url: str) -> None:
+    """Raises FileNotFoundError naming the bucket when `url`'s bucket is missing (on
+    bucket stores: s3, gs, az...; elsewhere a no-op)."""
+    if self.protocol not in _BUCKET_PROTOCOLS:
+      return
+    bucket = split_url(url)[1].split("/", 1)[0]
+    try:
+      found = bool(bucket) and self.fs.exists(f"{self.protocol}://{bucket}")
+    except Exception as e:  # pylint: disable=broad-except
+      raise _as_os_error(e, url) from None
+    if not found:
+      raise FileNotFoundError(errno.ENOENT, f"the bucket {bucket!r} does not exist (or these "
+                              "credentials cannot see it)", url)
 
   def exists(self, url: str) -> bool:
     try:

@@ -31,8 +31,11 @@ DESCRIPTION = (
     "with other settings stops before loading the model, naming what differs "
     "(--overwrite recomputes). "
     "Broken images and unlistable folders are listed in failures.jsonl and the job goes "
-    "on; an image that succeeds later leaves that list. Jobs started on the same --out "
-    "split the images between them (each image is claimed first). Ctrl-C or SIGTERM "
+    "on; an image that succeeds later leaves that list. Jobs started on the same local "
+    "--out split the images between them (each image is claimed first). Inputs and --out "
+    "may be URLs (s3://, gs://, any fsspec protocol; credentials and endpoints from the "
+    "store's usual environment, e.g. AWS_ENDPOINT_URL): outputs are whole-object uploads, "
+    "there are no claims, so start one job per URL --out. Ctrl-C or SIGTERM "
     "finishes the images in flight, prints the summary and stops; a second one stops "
     "at once.")
 EPILOG = EXIT_EPILOG
@@ -87,10 +90,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
   """Adds the `samjax automask` arguments to `parser`; returns it."""
   parser.add_argument("inputs", nargs="+", metavar="INPUT",
                       help="image files, folders (searched recursively) or text files "
-                           "listing one path per line")
+                           "listing one path per line; each may be a local path or a URL "
+                           "(s3://bucket/prefix, gs://..., any fsspec protocol; a list "
+                           "file may list URLs)")
   parser.add_argument("--out", required=True, metavar="DIR",
-                      help="output folder: one output per image, see --output-format "
-                           "(created; must not be an input folder or contain one)")
+                      help="output folder or URL (s3://bucket/prefix, ...): one output per "
+                           "image, see --output-format (created; must not be an input "
+                           "folder or contain one)")
   parser.add_argument("--output-format", choices=OUTPUT_FORMATS, default=OUTPUT_FORMATS[0],
                       help="sa1b (the default): one SA-1B style JSON per image, named by its "
                            "path with the extension (sub/cat.jpg -> sub/cat.jpg.json). "
@@ -145,7 +151,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "$SAMJAX_CACHE or else $XDG_CACHE_HOME/samjax or ~/.cache/samjax; "
                         "'' disables); checked before the model loads")
   job.add_argument("--claim-timeout", type=positive_float, default=300.0, metavar="S",
-                   help="a claim on an image by another job on the same --out that was "
+                   help="a claim on an image by another job on the same local --out (no "
+                        "claims at URLs) that was "
                         "not refreshed for S seconds is taken over (a live job refreshes "
                         "its claims; a dead job's claims on this host are taken over at "
                         "once) (default: %(default)g)")

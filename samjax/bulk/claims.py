@@ -17,6 +17,14 @@ A claim is taken over when its owner is gone:
 Taking over is itself exclusive: the taker creates `<key>.claim.break` (O_EXCL),
 checks that the claim is still the one it judged stale (same inode, mtime, size),
 removes it and claims anew; a second taker finds the `.break` file and moves on.
+
+Claims are for local (and NFS) output folders only. An output at a URL
+(`samjax.bulk.store`) has none: object stores offer no O_EXCL create with the
+refresh-and-takeover semantics above (S3's conditional `If-None-Match` PUT is not on
+every S3-compatible server, and a stale claim could not be broken atomically), so the
+processes of one job split a URL output by their deterministic shards, and two
+separate jobs on one URL output would each do every image (whole-object uploads keep
+every object intact either way).
 """
 
 from __future__ import annotations

@@ -32,9 +32,10 @@ Which programs (exactly those the bulk job runs, from `AutomaticMaskGenerator`):
 Devices. A topology's devices are those of one host (process 0): the bulk job's
 Runtime spans `jax.local_devices()`, so each host of a multi-host slice runs the same
 program over its own chips. v5e/v6e hosts hold up to 8 chips (2x4), v4/v5p hosts 4
-(2x2x1); the topology is described with those host bounds. A device is a chip, except
-on v4, where the compile-only topology has one device per TensorCore (megacore off;
-half a chip's HBM and FLOP/s each), so v4 figures are per TensorCore.
+(2x2x1); the topology is described with those host bounds. A device is a chip: v4 and
+v5p chips have two TensorCores, which a TPU VM runs as one "megacore" device, and the
+topology is described so (libtpu's compile-only default for v4 is one device per
+TensorCore, which a default v4 job never runs).
 
 Memory. Each program's figure is its own peak: its arguments (the float32 parameters,
 replicated on every device, count in every program), outputs and temporaries. The bulk
@@ -70,8 +71,6 @@ compiling? Measured on this host (jax 0.10.2, libtpu 0.0.42.1, no TPU):
   compile-only one. The last two could not be checked without a TPU; the cache
   falls back to compiling on a miss, so trying costs nothing. On a TPU host, run the
   job once with `JAX_EXPLAIN_CACHE_MISSES=1` (or `jax_log_compiles`) to see hits.
-  On v4 the entries cannot match a default job: the topology compiles per TensorCore
-  (megacore off) while a v4 job runs one device per chip.
 """
 
 from __future__ import annotations
@@ -509,7 +508,10 @@ def _topology_devices(target: str) -> tuple:
   topo_name = f"{chip.name}:{m.group(2)}"
   try:
     with _quiet_stderr():  # libtpu prints warnings about the GCE metadata it lacks
-      topo = topologies.get_topology_desc(topo_name, "tpu", chips_per_host_bounds=bounds)
+      # v4 chips as one megacore device each, as a v4 VM runs them (v5p's default).
+      extra = {"chip_config_name": "megacore"} if chip.name == "v4" else {}
+      topo = topologies.get_topology_desc(topo_name, "tpu", chips_per_host_bounds=bounds,
+                                          **extra)
   except Exception as e:  # pylint: disable=broad-except
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise PlanError(f"cannot describe topology {topo_name!r}: {text}") from None
@@ -538,13 +540,13 @@ def _quiet_stderr():
 
 
 def local_devices() -> list:
-  """This process's accelerators (PlanError if it has none)."""
+  """This process's own devices: its accelerators, else its CPU devices.
+
+  On CPUs the plan is of the job this host would run (its RAM as the capacity); with
+  `save_dir` that fills the compilation cache a CPU job reads.
+  """
   import jax  # pylint: disable=import-outside-toplevel
-  devices = jax.local_devices()
-  if devices[0].platform == "cpu":
-    raise PlanError("target 'local' needs accelerators, but this process only has CPUs; "
-                    "give a TPU topology such as v5e:2x4")
-  return devices
+  return jax.local_devices()
 
 
 def device_spec(devices: Sequence[Any]) -> DeviceSpec:
@@ -560,8 +562,13 @@ def device_spec(devices: Sequence[Any]) -> DeviceSpec:
   try:
     limit = d.memory_stats()["bytes_limit"]
   except Exception:  # pylint: disable=broad-except
+    limit = None
+  if limit is None and d.platform == "cpu":
+    import os  # pylint: disable=import-outside-toplevel
+    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # the host's RAM
+  if limit is None:
     raise PlanError(f"no published figures for {d.device_kind!r} and it reports no memory "
-                    "limit") from None
+                    "limit")
   return DeviceSpec(None, 1, float(limit), None, None)
 
 
@@ -578,6 +585,7 @@ class CropCall:
   bucket: Tuple[int, int]
   per_device: int
   calls_per_image: float
+  prompts_per_batch: int = 64  # the generator's device batch (`device_batch`)
 
 
 def _pow2_ceil(n: int) -> int:
@@ -586,32 +594,35 @@ def _pow2_ceil(n: int) -> int:
 
 def job_calls(config, options: AmgOptions, image_hw: Tuple[int, int], batch_size: int,
               num_devices: int, crops_per_device: int) -> List[CropCall]:
-  """The generator's calls for `batch_size` images of `image_hw` (as `_run_crops`)."""
+  """The generator's calls for `batch_size` images of `image_hw` (as `_run_crops`).
+
+  Does not model the generator lowering `crops_per_device` for settings whose low-res
+  logits would not fit a device (`_crops_per_device_that_fit`; not the defaults).
+  """
   from samjax.amg import utils as amg_utils  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from samjax.amg.generator import device_batch, layer_point_grids
   from samjax.amg.kernels import size_bucket  # pylint: disable=import-outside-toplevel
-  if options.points_per_side is not None:
-    grids = amg_utils.build_all_layer_point_grids(
-        options.points_per_side, options.crop_n_layers,
-        options.crop_n_points_downscale_factor)
-  else:
-    grids = list(options.point_grids)
+  grids = layer_point_grids(options)
   boxes, layers = amg_utils.generate_crop_boxes(tuple(image_hw), options.crop_n_layers,
                                                 options.crop_overlap_ratio)
-  per_image: Dict[Tuple, int] = {}
+  per_image: Dict[Tuple, List[int]] = {}  # (batches, bucket) -> [crops, most points]
   for (x0, y0, x1, y1), layer in zip(boxes, layers):
     n_batches = -(-len(grids[layer]) // options.points_per_batch)
     key = (n_batches, size_bucket(y1 - y0), size_bucket(x1 - x0))
-    per_image[key] = per_image.get(key, 0) + 1
+    count, most = per_image.get(key, (0, 0))
+    per_image[key] = [count + 1, max(most, len(grids[layer]))]
   per_call = num_devices * crops_per_device
   calls: Dict[Tuple, float] = {}
-  for (n_batches, hb, wb), count in per_image.items():
+  for (n_batches, hb, wb), (count, most) in per_image.items():
     crops = count * batch_size
+    ppb = device_batch(options.points_per_batch, n_batches, most)
     for start in range(0, crops, per_call):
       n = min(per_call, crops - start)
       per_device = _pow2_ceil(-(-n // num_devices))
-      key = (n_batches, (hb, wb), per_device)
+      key = (n_batches, (hb, wb), per_device, ppb)
       calls[key] = calls.get(key, 0) + 1 / batch_size
-  return [CropCall(nb, b, pd, c) for (nb, b, pd), c in calls.items()]
+  return [CropCall(nb, b, pd, c, ppb) for (nb, b, pd, ppb), c in calls.items()]
 
 
 # ----------------------------------------------------------------------------------
@@ -644,12 +655,19 @@ def _compile(lower: Callable[[], Any]):
   return compiled, time.perf_counter() - t0, None, None
 
 
-def _measure(prog: ProgramPlan, lower: Callable[[], Any]) -> ProgramPlan:
+def _measure(prog: ProgramPlan, lower: Callable[[], Any],
+             out_shardings: Optional[Dict[str, Any]] = None) -> ProgramPlan:
+  """Compiles; fills `prog` from XLA's analyses (and `out_shardings["value"]`)."""
   compiled, seconds, error, needed = _compile(lower)
   prog.compile_s = seconds
   if compiled is None:
     prog.error, prog.needed_bytes = error, needed
     return prog
+  if out_shardings is not None:
+    # What the job's next program receives: e.g. on one device XLA hands the encoder's
+    # output back replicated, not split over the (one-device) data axis, and a
+    # program lowered for the other sharding is a different cache entry.
+    out_shardings["value"] = compiled.output_shardings
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
@@ -705,7 +723,7 @@ def _lower_crop_stats(rt, call: CropCall, emb_aval, options: AmgOptions, mask_ch
   lr = cfg.low_res_mask_size
   b = rt.num_devices * call.per_device
   hb, wb = call.bucket
-  nb, ppb = call.n_batches, options.points_per_batch
+  nb, ppb = call.n_batches, call.prompts_per_batch
   bh, bw = kernels._bucket_step(hb), kernels._bucket_step(wb)  # pylint: disable=protected-access
   band_h = kernels.band_width(hb, wb, bh, lr)
   band_w = kernels.band_width(hb, wb, bw, lr)
@@ -713,7 +731,8 @@ def _lower_crop_stats(rt, call: CropCall, emb_aval, options: AmgOptions, mask_ch
   f32, i32 = jnp.float32, jnp.int32
   rows = (_abstract((b, hb // bh), i32, sh), _abstract((b, hb // bh, bh, band_h), f32, sh))
   cols = (_abstract((b, wb // bw), i32, sh), _abstract((b, wb // bw, bw, band_w), f32, sh))
-  args = (rt.abstract_params(), _abstract(emb_aval.shape, emb_aval.dtype, sh),
+  args = (rt.abstract_params(), _abstract(emb_aval.shape, emb_aval.dtype,
+                                         emb_aval.sharding or sh),
           _abstract((b, nb, ppb, 2), f32, sh), _abstract((b, nb, ppb), jnp.bool_, sh),
           rows, cols, _abstract((b, 4), i32, sh), _abstract((b, 4), i32, sh),
           _abstract((b,), i32, sh),
@@ -724,17 +743,8 @@ def _lower_crop_stats(rt, call: CropCall, emb_aval, options: AmgOptions, mask_ch
   return lowered, rows, cols
 
 
-def _mask_chunk(platform: str, bucket: Tuple[int, int]) -> int:
-  """The generator's `mask_chunk` (`_dispatch_stats`) for a crop bucket."""
-  from samjax.amg import generator  # pylint: disable=import-outside-toplevel
-  budget = generator._STATS_BUDGET.get(  # pylint: disable=protected-access
-      platform, generator._STATS_BUDGET_DEFAULT)  # pylint: disable=protected-access
-  chunk = max(1, min(256, budget // (bucket[0] * bucket[1])))
-  return 1 << (chunk.bit_length() - 1)
-
-
 def _search(measure: Callable[[int], ProgramPlan], start: ProgramPlan,
-            known: Sequence[ProgramPlan] = ()
+            known: Sequence[ProgramPlan] = (), max_compiles: Optional[int] = None
             ) -> Tuple[Optional[int], List[Tuple[int, str]], Dict[int, ProgramPlan]]:
   """Largest batch whose program fits, by compiling: a bracket [fits, does not fit].
 
@@ -748,6 +758,8 @@ def _search(measure: Callable[[int], ProgramPlan], start: ProgramPlan,
   Args:
     measure: per-device batch -> its compiled ProgramPlan.
     start: the plan of the first size; `known`: other sizes already compiled.
+    max_compiles: stop after this many calls of `measure`, the bracket maybe still
+      open (the log then shows the smallest size that did not fit, if any).
 
   Returns:
     (largest fitting global batch or None, [(batch, verdict)], {per-device: plan}).
@@ -779,7 +791,8 @@ def _search(measure: Callable[[int], ProgramPlan], start: ProgramPlan,
   above = [k for k, p in tried.items() if not p.fits and k > lo]
   hi = min(above, default=None)
   bisect = False  # set when a guided try did not halve the bracket
-  for _ in range(64):  # a bound on compiles; the bracket closes long before
+  for _ in range(64 if max_compiles is None else max_compiles):
+    # (64: a bound on compiles; the bracket closes long before)
     if hi is not None and hi - lo <= 1:
       break
     g = None if bisect and hi is not None else guess(lo, hi)
@@ -844,6 +857,7 @@ def plan(target: str = "local", model: str = "vit_h", dtype: str = "bfloat16",
   """
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from samjax.amg.generator import stats_mask_chunk  # pylint: disable=import-outside-toplevel
   from samjax.config import get_config  # pylint: disable=import-outside-toplevel
   from samjax.runtime import Runtime  # pylint: disable=import-outside-toplevel
 
@@ -876,12 +890,13 @@ def plan(target: str = "local", model: str = "vit_h", dtype: str = "bfloat16",
   common = dict(num_devices=n, capacity_bytes=spec.hbm_bytes, margin=margin,
                 peak_flops=spec.peak_flops, hbm_bandwidth=spec.hbm_bandwidth)
   s = config.image_size
+  enc_out: Dict[int, Dict[str, Any]] = {}  # batch -> the compiled encoder's output sharding
 
   def encode_prog(batch: int, in_job: bool, calls: float = 0.0) -> ProgramPlan:
     prog = ProgramPlan("encode", f"{batch} x {s}x{s} images ({batch // n}/device)", in_job,
                        batch, "image", calls_per_image=calls, **common)
     say(f"compiling encode, batch {batch} ...")
-    return _measure(prog, lambda: rt.lower_encode(batch))
+    return _measure(prog, lambda: rt.lower_encode(batch), enc_out.setdefault(batch, {}))
 
   with jax.default_matmul_precision(None), _persistent_cache(save_dir):
     wanted, programs = set(programs), []
@@ -923,9 +938,10 @@ def plan(target: str = "local", model: str = "vit_h", dtype: str = "bfloat16",
       b = call.per_device * n
       hb, wb = call.bucket
       where = f"{hb}x{wb} crops, {call.n_batches} point batches, {call.per_device}/device"
-      chunk = _mask_chunk(rt.platform, call.bucket)
+      chunk = stats_mask_chunk(rt.platform, call.bucket)
       emb = jax.ShapeDtypeStruct((b, config.embedding_size, config.embedding_size,
-                                  config.prompt_embed_dim), rt.dtype)
+                                  config.prompt_embed_dim), rt.dtype,
+                                 sharding=enc_out.get(b, {}).get("value"))
       stats = ProgramPlan("crop_stats", where, True, b, "crop",
                           calls_per_image=call.calls_per_image, **common)
       holder: Dict[str, Any] = {}
@@ -935,17 +951,20 @@ def plan(target: str = "local", model: str = "vit_h", dtype: str = "bfloat16",
         holder.update(out=lowered.out_info, rows=rows, cols=cols)
         return lowered
       say(f"compiling crop_stats ({where}) ...")
-      programs.append(_measure(stats, lower_stats))
+      stats_out: Dict[str, Any] = {}
+      programs.append(_measure(stats, lower_stats, stats_out))
       if "out" not in holder or "crop_masks" not in wanted:
         continue
       low_res = holder["out"]["low_res"]
+      low_res_sharding = stats_out.get("value", {}).get("low_res") or rt.batch_sharding
       survivors = min(_SURVIVOR_CHUNK, low_res.shape[1])
       masks = ProgramPlan("crop_masks", f"{where}, {survivors} masks", True, b, "crop",
                           calls_per_image=call.calls_per_image, **common)
 
-      def lower_masks(low_res=low_res, holder=holder, b=b, survivors=survivors, chunk=chunk):
+      def lower_masks(low_res=low_res, holder=holder, b=b, survivors=survivors, chunk=chunk,
+                      low_res_sharding=low_res_sharding):
         from samjax.amg import kernels  # pylint: disable=import-outside-toplevel
-        lr = _abstract(low_res.shape, low_res.dtype, rt.batch_sharding)
+        lr = _abstract(low_res.shape, low_res.dtype, low_res_sharding)
         idx = _abstract((b, survivors), jnp.int32, rt.batch_sharding)
         return kernels.crop_masks.lower(lr, idx, holder["rows"], holder["cols"], rt=rt,
                                         pack=pack, mask_chunk=chunk)

@@ -112,6 +112,13 @@ def test_two_processes_split_without_overlap_or_gap(tiny_ckpt, tmp_path):
   got = _outputs(out)
   names = sorted(r["image"]["file_name"] for r in got.values())
   assert names == sorted(p.name for p in paths)
+  # One manifest for the two processes; both processes' outputs point at it.
+  written = [log for log in logs if "samjax_job.json (written;" in log]
+  assert len(written) == 1 and sum("samjax_job.json (checked;" in log for log in logs) == 1
+  manifest = json.loads((out / "samjax_job.json").read_text())
+  assert manifest["job"]["process_count"] == 2
+  assert {r["provenance"]["settings_sha256"] for r in got.values()} == {
+      manifest["settings_sha256"]}
 
 
 def test_killed_job_resumes_and_finishes_each_image_once(tiny_ckpt, tmp_path):

@@ -229,8 +229,10 @@ def test_topologies_are_one_host():
   # libtpu's default describes v5e:2x4 as two hosts of 2x2; a v5litepod-8 VM is one.
   assert len(plan_lib.topology_devices("v5e:2x4")) == 8
   assert len(plan_lib.topology_devices("v5e:1x1")) == 1
-  v4 = plan_lib.topology_devices("v4:2x2x1")  # one device per TensorCore
-  assert len(v4) == 8 and plan_lib.device_spec(v4).devices_per_chip == 2
+  v4 = plan_lib.topology_devices("v4:2x2x1")  # megacore, as a v4 VM: a device per chip
+  assert len(v4) == 4 and plan_lib.device_spec(v4).devices_per_chip == 1
+  assert plan_lib.device_spec(v4).hbm_bytes == 32 * 2**30
+  assert len(plan_lib.topology_devices("v4:1x1x1")) == 1
   v5p = plan_lib.topology_devices("v5p:2x2x1")  # megacore: one device per chip
   assert len(v5p) == 4 and plan_lib.device_spec(v5p).devices_per_chip == 1
   with pytest.raises(plan_lib.PlanError, match="2-D"):
@@ -251,6 +253,12 @@ def test_job_calls_follow_the_generator():
   calls = plan_lib.job_calls(samjax.vit_h, opts.replace(crop_n_layers=1), (1024, 1024), 1,
                              1, 4)
   assert {(c.bucket, c.per_device) for c in calls} == {((1024, 1024), 1), ((768, 768), 4)}
+  # A single point batch is as wide as its points (at least 64), as the generator's.
+  for side, ppb, slots in ((32, 64, 64), (8, 1024, 64), (16, 1024, 256), (4, 16, 16)):
+    (call,) = plan_lib.job_calls(samjax.vit_h, AmgOptions(points_per_side=side,
+                                                          points_per_batch=ppb),
+                                 (1024, 1024), 1, 1, 4)
+    assert call.prompts_per_batch == slots, (side, ppb, call)
 
 
 def test_batch_search_brackets_the_largest_fit():
@@ -271,3 +279,62 @@ def test_batch_search_brackets_the_largest_fit():
     truth = [k for k in range(1, 1025) if measure(k).fits]
     assert best == (2 * max(truth) if truth else None), log
     assert len(log) <= 8, log
+
+
+# ----------------------------------------------------------------------------------
+# plan --save, then a job that starts from the saved compilations (CPU: no TPU here).
+# ----------------------------------------------------------------------------------
+_JOB = r"""
+import json, logging, sys
+import numpy as np
+from flax import traverse_util
+import samjax
+from samjax.amg.generator import AutomaticMaskGenerator
+from samjax.amg.options import AmgOptions
+from samjax.cli.automask import _enable_compilation_cache
+from samjax.io.checkpoint import param_shapes
+from samjax.model import SamModel
+
+_enable_compilation_cache(sys.argv[1])  # what `samjax automask --compilation-cache` does
+seen = []
+class Log(logging.Handler):
+  def emit(self, record):
+    seen.append(record.getMessage())
+logger = logging.getLogger("jax._src.compiler")
+logger.setLevel(logging.DEBUG)
+logger.addHandler(Log())
+rng = np.random.default_rng(0)
+params = {tuple(k.split("/")): rng.standard_normal(s).astype(np.float32) * 0.1
+          for k, s in param_shapes(samjax.tiny).items()}
+model = SamModel(samjax.tiny, traverse_util.unflatten_dict(params))
+# All-pass thresholds: random weights would keep no mask, and crop_masks never run.
+options = AmgOptions(points_per_side=4, points_per_batch=16, pred_iou_thresh=0.0,
+                     stability_score_thresh=0.0, output_mode="coco_rle")
+AutomaticMaskGenerator(model, options=options).generate(
+    rng.integers(0, 256, (64, 64, 3), np.uint8))
+hits = [m.split("'")[1] for m in seen if m.startswith("Persistent compilation cache hit")]
+misses = [m.split("'")[1] for m in seen if m.startswith("PERSISTENT COMPILATION CACHE MISS")]
+print(json.dumps({"hits": hits, "misses": misses}))
+"""
+
+
+def test_saved_plan_is_what_a_cpu_job_loads(tmp_path):
+  """`plan --save DIR` on this host's CPU, then a new process running the generator
+  with `--compilation-cache DIR` finds every program of the job there: it compiles
+  none of them. (A TPU's entries can only be loaded by a TPU client; see samjax.plan.)
+  """
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  cache = tmp_path / "xla"
+  report = plan_lib.plan("local", model="tiny", dtype="float32", batch_size=1,
+                         image_hw=(64, 64), decoder_prompts=(), save_dir=str(cache),
+                         options=AmgOptions(points_per_side=4, points_per_batch=16,
+                                            pred_iou_thresh=0.0, stability_score_thresh=0.0))
+  assert report.ok and report.device_kind == "cpu", report.format()
+  saved = {f.split("-")[0] for f in report.saved_files}
+  assert {"jit__encode", "jit_crop_stats", "jit_crop_masks"} <= saved, saved
+  out = subprocess.run([sys.executable, "-c", _JOB, str(cache)], capture_output=True,
+                       text=True, timeout=600, check=True).stdout
+  got = json.loads(out.strip().splitlines()[-1])
+  assert {"jit__encode", "jit_crop_stats", "jit_crop_masks"} <= set(got["hits"]), got
+  assert not {"jit__encode", "jit_crop_stats", "jit_crop_masks"} & set(got["misses"]), got

@@ -69,6 +69,36 @@ DEFAULTS = AmgOptions()
 
 
 # ----------------------------------------------------------------------------------
+# The call shapes (also what `samjax.plan` compiles ahead of time).
+# ----------------------------------------------------------------------------------
+def layer_point_grids(options: AmgOptions) -> List[np.ndarray]:
+  """The point grid of each crop layer (0: the whole image), (N, 2) in [0, 1] of the crop."""
+  if options.points_per_side is not None:
+    return amg_utils.build_all_layer_point_grids(
+        options.points_per_side, options.crop_n_layers, options.crop_n_points_downscale_factor)
+  return list(options.point_grids)
+
+
+def device_batch(points_per_batch: int, n_batches: int, most_points: int) -> int:
+  """Prompt slots per decoder call on the device for a group of crops.
+
+  Upstream's batches of `points_per_batch` points; a single batch is only as wide as
+  the most points a crop of the group holds (rounded up to a power of two, at least 64,
+  so that a huge `points_per_batch` does not make the device decode padding).
+  """
+  if n_batches > 1:
+    return points_per_batch
+  return min(points_per_batch, max(64, _pow2_ceil(most_points)))
+
+
+def stats_mask_chunk(platform: str, bucket: Tuple[int, int]) -> int:
+  """Full-resolution masks `crop_stats` materialises at once for a crop-size bucket."""
+  budget = _STATS_BUDGET.get(platform, _STATS_BUDGET_DEFAULT)
+  chunk = max(1, min(256, budget // (bucket[0] * bucket[1])))
+  return 1 << (chunk.bit_length() - 1)
+
+
+# ----------------------------------------------------------------------------------
 # Host-side helpers.
 # ----------------------------------------------------------------------------------
 
@@ -230,14 +260,7 @@ class AutomaticMaskGenerator:
       from pycocotools import mask as _  # noqa: F401  pylint: disable=import-outside-toplevel
     if options.min_mask_region_area > 0:
       import cv2 as _  # noqa: F401  pylint: disable=import-outside-toplevel
-    if options.points_per_side is not None:
-      grids = amg_utils.build_all_layer_point_grids(
-          options.points_per_side, options.crop_n_layers,
-          options.crop_n_points_downscale_factor)
-    else:
-      grids = list(options.point_grids)
-
-    self.point_grids = grids
+    self.point_grids = layer_point_grids(options)
     self.points_per_side = options.points_per_side
     self.points_per_batch = options.points_per_batch
     self.pred_iou_thresh = options.pred_iou_thresh
@@ -275,7 +298,6 @@ class AutomaticMaskGenerator:
     platform = self.runtime.platform
     #: Crops per device per device call (bounds device memory; CPU gains nothing).
     self.crops_per_device = 1 if platform == "cpu" else 4
-    self._stats_budget = _STATS_BUDGET.get(platform, _STATS_BUDGET_DEFAULT)
     # Host and device share memory on CPU: packing bits would only add work.
     self._pack_masks = platform != "cpu"
     #: The decoder, (params, emb, points, labels, config, dtype) -> (logits, iou).
@@ -375,16 +397,8 @@ class AutomaticMaskGenerator:
       self._collect(upsampling.popleft())
 
   def _device_batch(self, n_batches: int, crops: List[_Crop]) -> int:
-    """Prompt slots per decoder call on the device.
-
-    Upstream's batches of `points_per_batch` points; a single batch is only as wide as
-    the points it holds (rounded up to a power of two, at least 64, so that a huge
-    `points_per_batch` does not make the device decode padding).
-    """
-    if n_batches > 1:
-      return self.points_per_batch
-    most = max(len(c.points) for c in crops)
-    return min(self.points_per_batch, max(64, _pow2_ceil(most)))
+    """Prompt slots per decoder call on the device (`device_batch`)."""
+    return device_batch(self.points_per_batch, n_batches, max(len(c.points) for c in crops))
 
   def _crops_per_device_that_fit(self, n_batches: int, crops: List[_Crop]) -> int:
     """Crops per device per call whose low-res logits fit the device; else a clear error.
@@ -446,8 +460,7 @@ class AutomaticMaskGenerator:
     params = self._replicated_params()
     emb = rt.encode(params, images, valid_hw)
     rows, cols = rt.shard(rows), rt.shard(cols)
-    mask_chunk = max(1, min(256, self._stats_budget // (hb * wb)))
-    mask_chunk = 1 << (mask_chunk.bit_length() - 1)
+    mask_chunk = stats_mask_chunk(rt.platform, (hb, wb))
     thr, flags = self._thresholds()
     out = crop_stats(
         params, emb, *rt.shard((points.reshape(b, n_batches, ppb, 2),

@@ -25,8 +25,8 @@ from samjax.bulk import store
 from samjax.bulk.claims import DEFAULT_TIMEOUT_S, Claims
 from samjax.bulk.inputs import IMAGE_EXTENSIONS, NO_IMAGES, PathLike, prefetch_batches, \
     resolve_process, scan_inputs, shard_inputs
-from samjax.bulk.outputs import Annotation, FailureLog, OverlayFn, image_id_for, \
-    is_valid_output, output_path_for, overlay_path, sa1b_record, write_overlay, write_record
+from samjax.bulk.layouts import DEFAULT_FORMAT, get_layout, output_paths, pop_temps
+from samjax.bulk.outputs import Annotation, FailureLog, OverlayFn
 from samjax.io import files
 from samjax.io.images import DEFAULT_MAX_PIXELS, BadImageError
 
@@ -160,11 +160,12 @@ class JobPlan:
     images: every listed image (all processes).
     roots: input folders (for `output_path_for`).
     shard: this process's images.
-    outputs: JSON output path of each image of `shard`.
+    outputs: output path of each image of `shard` (a file; for amg-png a folder).
     problems: (input, reason) that could not be listed.
     notes: what the listing skipped on purpose, and why.
     process_index: this process's index.
     process_count: number of processes.
+    output_format: the outputs' layout (a `samjax.bulk.layouts.LAYOUTS` name).
   """
   out_dir: str
   images: list[str]
@@ -175,6 +176,7 @@ class JobPlan:
   notes: list[str]
   process_index: int
   process_count: int
+  output_format: str = DEFAULT_FORMAT
 
 
 def check_output_dir(out_dir: PathLike) -> bool:
@@ -233,10 +235,13 @@ def _check_output_url(out_dir: str) -> bool:
 
 
 def plan_job(inputs: Sequence[PathLike], out_dir: PathLike, process_index: int | None = None,
-             process_count: int | None = None) -> JobPlan:
+             process_count: int | None = None, output_format: str = DEFAULT_FORMAT
+             ) -> JobPlan:
   """Checks the output folder and lists the inputs; what `run_job` does first.
 
   Call it before loading a model so a wrong `--out` or input costs nothing.
+  `output_format` names a `samjax.bulk.layouts.LAYOUTS` entry (checked first); the
+  outputs are named by it (`samjax.bulk.layouts.output_paths`).
 
   Raises:
     JobError: the output folder cannot be used, or no input gave any image (the
@@ -246,6 +251,7 @@ def plan_job(inputs: Sequence[PathLike], out_dir: PathLike, process_index: int |
   """
   out_dir = store.norm(out_dir)
   process_index, process_count = resolve_process(process_index, process_count)
+  layout = get_layout(output_format)
   created = check_output_dir(out_dir)
   try:
     scan = scan_inputs(inputs, exclude_dirs=[out_dir])
@@ -263,9 +269,12 @@ def plan_job(inputs: Sequence[PathLike], out_dir: PathLike, process_index: int |
         os.rmdir(out_dir)
     raise
   shard = shard_inputs(scan.images, process_index, process_count)
-  outputs = {p: output_path_for(p, scan.roots, out_dir) for p in shard}
+  # Stem names (amg.py's) depend on every image's, so all processes name all images.
+  names = output_paths(layout, scan.images if layout.stem_names else shard, scan.roots,
+                       out_dir)
+  outputs = {p: names[p] for p in shard}
   return JobPlan(out_dir, scan.images, scan.roots, shard, outputs, scan.problems, scan.notes,
-                 process_index, process_count)
+                 process_index, process_count, layout.name)
 
 
 # ---------------------------------------------------------------------------- signals
@@ -346,7 +355,8 @@ def run_job(inputs: Sequence[PathLike], out_dir: PathLike, generate_batch: Gener
             max_pixels: int | None = DEFAULT_MAX_PIXELS, *, plan: JobPlan | None = None,
             claims: bool = True, claim_timeout_s: float = DEFAULT_TIMEOUT_S,
             handle_signals: bool = True, overwrite: bool = False,
-            provenance: Optional[dict] = None, report: bool = True) -> JobSummary:
+            provenance: Optional[dict] = None, report: bool = True,
+            output_format: Optional[str] = None) -> JobSummary:
   """Runs automatic mask generation over many images, resumably.
 
   Args:
@@ -379,8 +389,12 @@ def run_job(inputs: Sequence[PathLike], out_dir: PathLike, generate_batch: Gener
       the images in flight (the second stops it at once).
     overwrite: recompute every image of the shard, valid outputs included.
     provenance: stored under "provenance" in every record written
-      (`samjax.bulk.provenance.Provenance.record()`).
+      (`samjax.bulk.provenance.Provenance.record()`); `sa1b` only (the amg.py
+      layouts must equal the official files).
     report: print the notes and the summary (errors are printed regardless).
+    output_format: the outputs' layout (`samjax.bulk.layouts.LAYOUTS`: "sa1b",
+      "amg-json", "amg-png"); default: the plan's, else "sa1b". Overlays go to the
+      output's base + ".png".
 
   Returns:
     The `JobSummary` (also printed to stderr); exit with `summary.exit_code`: 0, 1 if
@@ -401,10 +415,15 @@ def run_job(inputs: Sequence[PathLike], out_dir: PathLike, generate_batch: Gener
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   if plan is None:
-    plan = plan_job(inputs, out_dir, process_index, process_count)
+    plan = plan_job(inputs, out_dir, process_index, process_count,
+                    output_format=output_format or DEFAULT_FORMAT)
   elif plan.out_dir != store.norm(out_dir):
     raise ValueError(f"the plan is for {plan.out_dir}, not {out_dir}")
+  if plan.output_format != get_layout(output_format or plan.output_format).name:
+    raise ValueError(f"the plan is for output format {plan.output_format}, not "
+                     f"{output_format}")
   out_dir, outputs = plan.out_dir, plan.outputs
+  layout = get_layout(plan.output_format)
   if overlays and overlay_fn is None:
     from samjax.viz import overlay_anns as overlay_fn  # pylint: disable=import-outside-toplevel
 
@@ -418,8 +437,8 @@ def run_job(inputs: Sequence[PathLike], out_dir: PathLike, generate_batch: Gener
       failures.add(path, "list", reason)
 
   def finished(p: str) -> bool:
-    return is_valid_output(outputs[p]) and (not overlays or
-                                            store.exists(overlay_path(outputs[p])))
+    return layout.is_valid(outputs[p]) and (
+        not overlays or store.exists(layout.overlay_path(outputs[p])))
 
   todo = list(plan.shard) if overwrite else [p for p in plan.shard if not finished(p)]
   skipped = len(plan.shard) - len(todo)
@@ -476,8 +495,7 @@ def run_job(inputs: Sequence[PathLike], out_dir: PathLike, generate_batch: Gener
             held.release(outputs[p])
             state["elsewhere"] += 1
             continue
-        for final in (outputs[p], overlay_path(outputs[p])):
-          files.remove_files(temps.pop(files.temp_key(final), ()))
+        files.remove_files(pop_temps(layout, outputs[p], temps))
         yield p
 
   bar = tqdm(total=len(todo), unit="img", desc="automask", dynamic_ncols=True,
@@ -505,13 +523,8 @@ def run_job(inputs: Sequence[PathLike], out_dir: PathLike, generate_batch: Gener
             continue
           json_path = outputs[path]
           try:
-            record = sa1b_record(path, image_id_for(json_path, out_dir), image.shape[:2],
-                                 anns)
-            if provenance is not None:
-              record["provenance"] = provenance
-            if overlays:
-              write_overlay(overlay_path(json_path), image, record, overlay_fn)
-            write_record(json_path, record)
+            n_masks = layout.write(json_path, path, image, anns, out_dir,
+                                   overlay_fn if overlays else None, provenance)
           except Exception as e:  # Bad annotation, overlay or disk error.
             fail(path, "write", f"could not write output: {_describe(e)}")
             if _is_disk_error(e):
@@ -519,7 +532,7 @@ def run_job(inputs: Sequence[PathLike], out_dir: PathLike, generate_batch: Gener
               break
             continue
           state["done"] += 1
-          state["masks"] += len(record["annotations"])
+          state["masks"] += n_masks
           succeeded.add(path)
           if held is not None:
             held.release(json_path)
@@ -533,13 +546,14 @@ def run_job(inputs: Sequence[PathLike], out_dir: PathLike, generate_batch: Gener
     if held is not None:
       held.close()
     bar.close()
-    failures.compact(succeeded, relisted=plan.process_index == 0)
+    failures.compact(succeeded, relisted=plan.process_index == 0, is_done=layout.is_valid)
     if plan.process_count == 1:  # Logs of earlier multi-process runs on this folder.
       with contextlib.suppress(OSError):
         for name in store.store_for(out_dir).listdir(out_dir):
           if name.startswith("failures.") and name.endswith(".jsonl") and \
               name != store.basename(failures.path):
-            FailureLog(store.join(out_dir, name)).compact(succeeded, relisted=True)
+            FailureLog(store.join(out_dir, name)).compact(succeeded, relisted=True,
+                                                          is_done=layout.is_valid)
     not_run = len(todo) - state["done"] - state["failed_images"] - state["elsewhere"]
     summary = JobSummary(
         total=len(plan.shard), done=state["done"], skipped=skipped, failed=failures.count,

@@ -40,7 +40,8 @@ Design points:
 
 Modules: `inputs` (listing, sharding, decoding ahead), `outputs` (names, records,
 validity, overlays, the failure log), `claims`, `job` (`plan_job`, `run_job`,
-`JobSummary`, `JobError`). Images are decoded by `samjax.io.images.load_image`.
+`JobSummary`, `JobError`), `provenance` (the job manifest `samjax_job.json`, what each
+output records, the resume check). Images are decoded by `samjax.io.images.load_image`.
 """
 
 from samjax.bulk.claims import Claims

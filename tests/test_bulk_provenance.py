@@ -377,3 +377,15 @@ def test_the_manifest_at_an_fsspec_url(monkeypatch):
                                                            "points_per_side": 4}))
   finally:
     fs.rm("/provenance-test", recursive=True)
+
+
+def test_write_if_absent_without_hard_links(tmp_path, monkeypatch):
+  def no_links(src, dst):
+    raise PermissionError(1, "Operation not permitted")
+
+  monkeypatch.setattr(prov_lib.os, "link", no_links)
+  path = str(tmp_path / "m.json")
+  assert prov_lib.write_if_absent(path, b"first") is True
+  assert prov_lib.write_if_absent(path, b"second") is False
+  assert Path(path).read_bytes() == b"first" and [p.name for p in tmp_path.iterdir()] == [
+      "m.json"]

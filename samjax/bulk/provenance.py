@@ -335,7 +335,9 @@ def write_if_absent(path: str, data: bytes) -> bool:
 
   The data goes to a temporary file first, which is then hard-linked to `path`
   (`link` fails when the name exists, atomically, also on NFS), so a reader never sees
-  a partial manifest and of several writers exactly one wins. Object stores have no
+  a partial manifest and of several writers exactly one wins (on a filesystem without
+  hard links, an O_EXCL create: still one winner, but a reader at that instant may see
+  a partial file and stop with a clear error; a rerun then works). Object stores have no
   such operation: there it is check-then-upload (a whole-object write, never partial),
   and two processes starting at the same instant may both write; they write the same
   settings, and each then compares what it reads back.
@@ -356,6 +358,15 @@ def write_if_absent(path: str, data: bytes) -> bool:
       os.link(tmp, path)
     except FileExistsError:
       return False
+    except OSError:  # A filesystem without hard links (some FUSE/SMB mounts).
+      try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+      except FileExistsError:
+        return False
+      with os.fdopen(fd, "wb") as f:  # Not atomic for readers, still exclusive.
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     files.fsync_dir(os.path.dirname(path))
     return True
   finally:

@@ -302,8 +302,35 @@ def test_url_inputs_and_list_file_to_a_local_output(s3, tmp_path):
   assert (again.done, again.skipped) == (0, 5)
 
 
+def test_nothing_streams_into_a_final_name_at_a_url(s3, memfs, monkeypatch):
+  """Every write to S3 is one whole-object upload: no file is opened for writing (an
+  fsspec file closed by an exception would commit what it holds)."""
+  client, _ = s3
+  dst = _bucket(client)
+  for i in range(3):
+    memfs.pipe_file(f"memory://in/{i}.png", _png(i))
+  memfs.pipe_file("memory://in/bad.png", b"broken")
+  fs = store.store_for(f"s3://{dst}").fs
+  opened = []
+  real_open = fs._open
+
+  def no_write_open(path, mode="rb", *args, **kwargs):
+    opened.append(mode)
+    if not mode.startswith("r"):
+      raise AssertionError(f"{path} opened with mode {mode!r}")
+    return real_open(path, mode, *args, **kwargs)
+
+  monkeypatch.setattr(fs, "_open", no_write_open)
+  summary = bulk.run_job(["memory://in"], f"s3://{dst}/out", _fake_generate, overlays=True,
+                         progress=False, handle_signals=False)
+  assert (summary.done, summary.failed) == (3, 1)
+  assert _keys(client, dst) == sorted(
+      ["out/failures.jsonl"] + [f"out/{i}.png.{e}" for i in range(3) for e in ("json", "png")])
+  assert all(m.startswith("r") for m in opened)
+
+
 @pytest.mark.parametrize("case", ["input_bucket", "out_bucket", "input_key", "protocol_in",
-                                  "protocol_out", "not_a_url"])
+                                  "protocol_out", "not_a_url", "no_credentials"])
 def test_bad_locations_are_one_line_errors_with_status_2(case, s3, monkeypatch, capsys,
                                                          tmp_path):
   client, _ = s3
@@ -321,7 +348,19 @@ def test_bad_locations_are_one_line_errors_with_status_2(case, s3, monkeypatch, 
       "protocol_out": ([good_in, "--out", "nosuchproto://x/y"],
                        "unknown storage protocol nosuchproto://"),
       "not_a_url": ([good_in, "--out", f"s3://{src}/imgs/0.png"], "is an object, not a folder"),
+      "no_credentials": ([good_in, "--out", str(tmp_path / "out")],
+                         "cannot be reached: NoCredentialsError: Unable to locate credentials"),
   }[case]
+  if case == "no_credentials":
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+      monkeypatch.delenv(name, raising=False)
+    for name in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
+      monkeypatch.setenv(name, str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    for name in ("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                 "AWS_WEB_IDENTITY_TOKEN_FILE"):
+      monkeypatch.delenv(name, raising=False)
+    store.set_store("s3", None)
   code, err = _run_cli(argv, monkeypatch, capsys)
   assert code == 2, err
   assert expect in err and "Traceback" not in err

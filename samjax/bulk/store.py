@@ -299,7 +299,9 @@ def _filesystem(protocol: str):
     raise StoreError(f"{protocol}:// locations need the {package or 'client'} package "
                      f"({hint}): {_reason(e)}") from None
   try:
-    return cls(**_storage_options(protocol))
+    # A fresh instance: fsspec's cache would hand back one made from an older
+    # environment (other credentials) after `set_store(protocol, None)`.
+    return cls(skip_instance_cache=True, **_storage_options(protocol))
   except Exception as e:  # pylint: disable=broad-except
     raise StoreError(f"cannot set up {protocol}:// storage: {_reason(e)}") from None
 

@@ -133,7 +133,7 @@ def make_row(key: str, data: Dict[str, Any], path: str, search_compiles: int,
     return prog
 
   p1, p8 = measure(1), measure(8)
-  if not row.get("search_done"):
+  if search_compiles > 0 and not row.get("search_done"):
     done_before = set(compiles)
     known = [_plan_from_dict(d) for k, d in compiles.items() if k != "8"]
     _, log, tried = plan_lib._search(  # pylint: disable=protected-access
@@ -166,7 +166,8 @@ def _cell_max(row: Dict[str, Any]) -> str:
   lo, hi = row.get("max_batch"), row.get("smallest_not_fitting")
   compiles = row.get("compiles", {})
   if "search" not in row:
-    return "not searched"
+    p8 = compiles.get("8")
+    return "not searched" + ("; 8 fits" if p8 and p8.get("fits") else "")
   if lo is None:
     return "none fits" if hi == 1 else "not found"
   size = compiles.get(str(lo), {}).get("total_bytes") or row.get("max_batch_bytes")

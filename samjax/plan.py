@@ -3,7 +3,7 @@
 `plan(target, ...)` compiles, on this host, each device program of `samjax automask`
 for one image size bucket (and the interactive decoder) for a TPU topology described
 by `jax.experimental.topologies` ("v5e:2x4", "v6e:2x2", "v4:2x2x1", "v5p:2x2x1", one
-chip: "v5e:1x1"), or for this process's own accelerators ("local"). It needs XLA's TPU
+chip: "v5e:1x1"), or for this process's own devices ("local"). It needs XLA's TPU
 compiler (libtpu), not a TPU. Per program and per device it reports what the compiler
 says: HBM (arguments including the parameters, outputs, temporaries, generated code)
 against the chip's capacity, FLOPs and bytes accessed per image, the roofline bound
@@ -63,6 +63,15 @@ compiling? Measured on this host (jax 0.10.2, libtpu 0.0.42.1, no TPU):
   as two hosts of 2x2 chips (libtpu's default) and as one host of 2x4 chips (a real
   v5litepod-8 VM) have different fingerprints, which is why `plan` describes
   topologies with their real host bounds.
+* The whole save -> load path works where a client can load what was compiled: on
+  this host's CPU (`plan("local", save_dir=DIR)`, tested in tests/test_plan.py), a new
+  process running the generator with the cache at DIR, as `samjax automask
+  --compilation-cache DIR` sets it, gets persistent-cache hits for encode, crop_stats
+  and crop_masks and compiles none of them. That needs each program lowered with the
+  argument shardings the job really passes: on one device XLA hands the encoder's
+  (and crop_stats') outputs back replicated, not split over the data axis, which is
+  another StableHLO module and so another key; the plan takes them from the program
+  it compiled before.
 * So a cache written by `plan --save DIR` can be hit by `samjax automask
   --compilation-cache DIR` on the TPU only if the job runs the same jax and libtpu
   builds, the same XLA_FLAGS/LIBTPU_INIT_ARGS, the same model/dtype/attention/options
@@ -396,10 +405,12 @@ class PlanReport:
   def format(self) -> str:
     """A human-readable report (a table per program, then the verdict)."""
     unit = "TensorCore" if self.devices_per_chip > 1 else "chip"
-    lines = [NOT_TIMINGS,
-             f"target {self.target}: {self.num_devices} x {self.device_kind} "
-             f"(one device = {'a ' + unit if unit == 'chip' else 'one ' + unit}), "
-             f"{_gb(self.capacity_bytes)} HBM per device; {self.model} {self.dtype}, "
+    what = (f"(one device = {'a ' + unit if unit == 'chip' else 'one ' + unit}), "
+            f"{_gb(self.capacity_bytes)} HBM" if self.chip else
+            f", {_gb(self.capacity_bytes)} of memory")
+    lines = [NOT_TIMINGS if self.chip else NOT_TIMINGS.replace("TPU compiler", "compiler"),
+             f"target {self.target}: {self.num_devices} x {self.device_kind}"
+             f"{' ' if self.chip else ''}{what} per device; {self.model} {self.dtype}, "
              f"attention {self.attention}; {self.batch_size} images of "
              f"{self.image_hw[0]}x{self.image_hw[1]} per step, at most "
              f"{self.crops_per_device} crops per device per call"]
@@ -832,7 +843,7 @@ def plan(target: str = "local", model: str = "vit_h", dtype: str = "bfloat16",
   """Compiles every program of the bulk job for `target` ahead of time; see the module.
 
   Args:
-    target: "local" (this process's accelerators) or a TPU topology, "v5e:2x4".
+    target: "local" (this process's devices, CPUs included) or a TPU topology, "v5e:2x4".
     model: "vit_b", "vit_l", "vit_h" or "tiny".
     dtype: compute dtype ("bfloat16" or "float32").
     batch_size: images per step (split over the devices; rounded up to a multiple of

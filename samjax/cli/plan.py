@@ -21,8 +21,8 @@ DESCRIPTION = (
     "Compile, on this host, every device program of `samjax automask` for one image size "
     "(the data-parallel encoder, crop_stats and crop_masks for each crop bucket) and the "
     "interactive decoder (1 and 64 prompts), for a TPU topology described by "
-    "jax.experimental.topologies (needs libtpu, not a TPU) or for this machine's "
-    "accelerators. Reports per program and device the HBM it needs against the chip's "
+    "jax.experimental.topologies (needs libtpu, not a TPU) or for this machine's own "
+    "devices. Reports per program and device the HBM it needs against the chip's "
     "capacity, FLOPs and bytes per image, the roofline bound from the chip's published "
     "peak rates, and compile times. These are compile-time figures from XLA, not timings "
     "on a chip.")
@@ -84,7 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                       help="a TPU topology, GEN:SHAPE with GEN v4, v5e, v5p or v6e (e.g. "
                            "v5e:1x1 for one chip, v5e:2x4, v6e:2x2, v4:2x2x1, v5p:2x2x1; one "
                            "host's chips are planned, as the job runs per host), or 'local' "
-                           "for this process's accelerators")
+                           "for this process's devices (accelerators, else the CPU with its "
+                           "RAM as the capacity)")
   model = parser.add_argument_group("model")
   model.add_argument("--model", choices=MODELS, default="vit_h",
                      help="model config (default: %(default)s)")
@@ -113,9 +114,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help=f"which programs to compile (default: {','.join(PROGRAMS)})")
   job.add_argument("--save", default=None, metavar="DIR",
                    help="write the compiled programs to this persistent compilation cache "
-                        "folder, for `samjax automask --compilation-cache DIR` on the TPU "
-                        "(hits need the same jax/libtpu builds and settings; see "
-                        "samjax.plan)")
+                        "folder; `samjax automask --compilation-cache DIR` then starts "
+                        "without compiling them (tested with --target local on CPU). For "
+                        "a TPU target the entries are written here but only a TPU host can "
+                        "load them, and only with the same jax/libtpu builds, flags, "
+                        "settings and chips; unverified without a TPU (see samjax.plan)")
   out = parser.add_argument_group("output")
   out.add_argument("--json", action="store_true",
                    help="print the report as JSON on stdout (for scripts)")

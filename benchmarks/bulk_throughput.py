@@ -11,15 +11,18 @@ Each command runs twice into fresh output folders: "cold" (samjax compiles; its
 persistent compilation cache starts empty) and "warm" (samjax finds its programs in
 that cache, as a rerun or a second host sharing it does; the official script has
 nothing to warm beyond PyTorch's first-call allocations). The ratio is samjax's
-images/s over the official's (> 1: samjax faster).
+images/s over the official's (> 1: samjax faster). "Per image" leaves out what a long
+job pays once: loading the model (the official's timed inside its registry builder;
+for samjax everything before the job's loop: model load, checks, manifest), so it is
+what a job of many images converges to.
 
 Weights: `tiny` is the trained tiny checkpoint of tests/fixtures/tiny_trained
 exported to .pth (real, localised masks), or a randomized tiny model where the
 fixture is absent; `vit_b` is an official-architecture ViT-B with every tensor
 randomized, saved as .pth (what amg.py loads through its own registry) and
 converted to a samjax checkpoint (what samjax loads). Images: the photos of
---image-dir (default /work/shared/images when present), shrunk to --max-side and
-cycled to --images files, else synthesized scenes; never kept.
+--image-dir (default /work/shared/images or shared/images when present), shrunk to --max-side and
+cycled to the run's number of images, else synthesized scenes; never kept.
 
 Settings (`SETTINGS`): `defaults` (the official thresholds; random ViT-B weights keep
 no mask there), `lowered` (pred_iou_thresh 0.1, stability_score_thresh 0.4, as
@@ -56,10 +59,12 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # PyTorch share
 import numpy as np
 
 # Where the official script may be (it is not part of the `segment_anything` package):
-# $SAMJAX_OFFICIAL_AMG, then a checkout of facebookresearch/segment-anything.
+# $SAMJAX_OFFICIAL_AMG, then a checkout of facebookresearch/segment-anything, then beside
+# the wheels that benchmarks/gpu_run.sh installs (.whl/amg.py).
 OFFICIAL_AMG_PATHS = ("/work/shared/reference/segment-anything/scripts/amg.py",
-                      "/work/shared/reference/scripts/amg.py")
-DEFAULT_IMAGE_DIR = "/work/shared/images"
+                      "/work/shared/reference/scripts/amg.py",
+                      "shared/reference/segment-anything/scripts/amg.py", ".whl/amg.py")
+IMAGE_DIRS = ("/work/shared/images", "shared/images")
 TRAINED_TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             "tests", "fixtures", "tiny_trained")
 SETTINGS: dict[str, dict[str, float]] = {
@@ -148,25 +153,25 @@ class Run:
 
 
 def make_images(folder: str, n: int, image_dir: Optional[str], max_side: int) -> str:
-  """`n` JPEGs in `folder` from `image_dir`'s photos (cycled, shrunk to `max_side`), or
-  synthesized 768x1024 scenes; returns a description."""
+  """`n` JPEGs in `folder`: `image_dir`'s photos (cycled), else synthesized 768x1024
+  scenes, shrunk to `max_side`; returns a description."""
   import cv2  # pylint: disable=import-outside-toplevel
   os.makedirs(folder, exist_ok=True)
   photos = []
-  if image_dir and os.path.isdir(image_dir):
+  if image_dir and image_dir != "none" and os.path.isdir(image_dir):
     photos = sorted(os.path.join(image_dir, f) for f in os.listdir(image_dir)
                     if f.lower().endswith((".jpg", ".jpeg", ".png")))
   sizes = []
   for i in range(n):
     if photos:
       img = cv2.imread(photos[i % len(photos)], cv2.IMREAD_COLOR)
-      scale = max_side / max(img.shape[:2])
-      if scale < 1:
-        img = cv2.resize(img, (round(img.shape[1] * scale), round(img.shape[0] * scale)),
-                         interpolation=cv2.INTER_AREA)
     else:
       from benchmarks.amg import synth_image  # pylint: disable=import-outside-toplevel
-      img = synth_image(i)[..., ::-1]
+      img = np.ascontiguousarray(synth_image(i)[..., ::-1])
+    scale = max_side / max(img.shape[:2])
+    if scale < 1:
+      img = cv2.resize(img, (round(img.shape[1] * scale), round(img.shape[0] * scale)),
+                       interpolation=cv2.INTER_AREA)
     sizes.append(f"{img.shape[0]}x{img.shape[1]}")
     cv2.imwrite(os.path.join(folder, f"img_{i:03d}.jpg"), img,
                 [cv2.IMWRITE_JPEG_QUALITY, 95])
@@ -216,31 +221,47 @@ def _count_masks(out: str, fmt: str) -> tuple[int, list[str]]:
 
 
 def run_official(amg, images: str, out: str, model_type: str, pth: str, fmt: str,
-                 gen: list[str], device: str) -> float:
-  """Wall seconds of amg.py's `main` on `images` (its prints swallowed)."""
+                 gen: list[str], device: str) -> tuple[float, float]:
+  """(wall seconds of amg.py's `main` on `images`, of which loading the model); its
+  prints swallowed."""
   import torch  # pylint: disable=import-outside-toplevel
   args = amg.parser.parse_args(["--input", images, "--output", out, "--model-type",
                                 model_type, "--checkpoint", pth, "--device", device,
                                 *FORMATS[fmt], *gen])
-  t0 = time.perf_counter()
-  with contextlib.redirect_stdout(io.StringIO()):
-    amg.main(args)
-  if device.startswith("cuda"):
-    torch.cuda.synchronize()
-  return time.perf_counter() - t0
+  registry, load = amg.sam_model_registry, [0.0]
+
+  def timed_build(checkpoint):
+    t = time.perf_counter()
+    model = registry[model_type](checkpoint=checkpoint).to(device)
+    load[0] = time.perf_counter() - t
+    return model
+  amg.sam_model_registry = {**registry, model_type: timed_build}
+  try:
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+      amg.main(args)
+    if device.startswith("cuda"):
+      torch.cuda.synchronize()
+    return time.perf_counter() - t0, load[0]
+  finally:
+    amg.sam_model_registry = registry
 
 
 def run_samjax(images: str, out: str, ckpt: str, fmt: str, gen: list[str], dtype: str,
-               cache: str) -> float:
-  """Wall seconds of `samjax automask` on `images` (in this process)."""
-  from samjax.cli import main  # pylint: disable=import-outside-toplevel
+               cache: str) -> tuple[float, float]:
+  """(wall seconds of `samjax automask` on `images` in this process, of which before
+  the job's loop: model load, checks, manifest)."""
+  from samjax.cli import build_parser  # pylint: disable=import-outside-toplevel
+  from samjax.cli.automask import run_automask  # pylint: disable=import-outside-toplevel
+  args = build_parser().parse_args(
+      ["automask", images, "--out", out, "--checkpoint", ckpt, "--output-format", fmt,
+       "--dtype", dtype, "--quiet", "--no-progress", "--compilation-cache", cache, *gen])
   t0 = time.perf_counter()
-  rc = main(["automask", images, "--out", out, "--checkpoint", ckpt, "--output-format", fmt,
-             "--dtype", dtype, "--quiet", "--no-progress", "--compilation-cache", cache,
-             *gen])
-  if rc != 0:
-    raise RuntimeError(f"samjax automask exited {rc}")
-  return time.perf_counter() - t0
+  summary = run_automask(args)
+  wall = time.perf_counter() - t0
+  if summary.exit_code != 0:
+    raise RuntimeError(f"samjax automask: {summary}")
+  return wall, max(wall - summary.elapsed_s, 0.0)
 
 
 def gen_flags(run: Run) -> list[str]:
@@ -261,37 +282,44 @@ def bench_run(amg, run: Run, fmt: str, dtypes: list[str], args, work: str) -> li
   os.makedirs(wdir, exist_ok=True)
   model_type, pth, ckpt, weights = make_weights(run.model, wdir)
   gen = gen_flags(run)
-  official = {}
+  official, official_load = {}, {}
   for phase in ("cold", "warm"):
     out = os.path.join(work, f"official-{tag}-{fmt}-{phase}")
     shutil.rmtree(out, ignore_errors=True)
-    official[phase] = run_official(amg, images, out, model_type, pth, fmt, gen,
-                                   args.torch_device)
+    official[phase], official_load[phase] = run_official(amg, images, out, model_type, pth,
+                                                         fmt, gen, args.torch_device)
     print(f"  official {phase}: {official[phase]:.1f} s", flush=True)
   official_masks, official_names = _count_masks(out, fmt)
   rows = []
   for dtype in dtypes:
     cache = os.path.join(work, f"xla-cache-{tag}-{dtype}")
     shutil.rmtree(cache, ignore_errors=True)
-    ours = {}
+    ours, ours_setup = {}, {}
     for phase in ("cold", "warm"):
       our_out = os.path.join(work, f"samjax-{tag}-{fmt}-{dtype}-{phase}")
       shutil.rmtree(our_out, ignore_errors=True)
-      ours[phase] = run_samjax(images, our_out, ckpt, fmt, gen, dtype, cache)
+      ours[phase], ours_setup[phase] = run_samjax(images, our_out, ckpt, fmt, gen, dtype,
+                                                  cache)
       print(f"  samjax {dtype} {phase}: {ours[phase]:.1f} s", flush=True)
     masks, names = _count_masks(our_out, fmt)
     n = run.images
+    # Per image once the model is loaded (warm): what a long job converges to.
+    o_loop = n / max(official["warm"] - official_load["warm"], 1e-9)
+    s_loop = n / max(ours["warm"] - ours_setup["warm"], 1e-9)
     rows.append({
         "model": run.model, "weights": weights, "points_per_side": run.points,
         "setting": run.setting, "settings": SETTINGS[run.setting], "format": fmt,
         "images": n, "image_set": image_text, "samjax_dtype": dtype,
         "official_dtype": "float32",
         "official": {"cold_s": official["cold"], "warm_s": official["warm"],
+                     "model_load_s": official_load["warm"],
                      "warm_images_per_s": n / official["warm"],
-                     "masks_per_image": official_masks / n},
+                     "loop_images_per_s": o_loop, "masks_per_image": official_masks / n},
         "samjax": {"cold_s": ours["cold"], "warm_s": ours["warm"],
-                   "warm_images_per_s": n / ours["warm"], "masks_per_image": masks / n},
+                   "setup_s": ours_setup["warm"], "warm_images_per_s": n / ours["warm"],
+                   "loop_images_per_s": s_loop, "masks_per_image": masks / n},
         "ratio_warm": official["warm"] / ours["warm"],
+        "ratio_loop": s_loop / o_loop,
         "ratio_cold": official["cold"] / ours["cold"],
         "same_names": names == official_names,
     })
@@ -310,7 +338,8 @@ def machine() -> dict:
   info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
           "host": platform.node(), "cpu": _cpu_model(), "cpus": cpu_count(),
           "jax": jax.__version__, "jax_device": f"{dev.platform}: {dev.device_kind}",
-          "torch": torch.__version__, "git": _git_commit()}
+          "torch": torch.__version__, "git": _git_commit(),
+          "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
   if torch.cuda.is_available():
     info["torch_device"] = torch.cuda.get_device_name(0)
   return info
@@ -322,21 +351,28 @@ def markdown(rows: list[dict], info: dict, command: str) -> str:
            f"{info['date']}, {info['cpu']} ({info['cpus']} CPUs), JAX {info['jax']} on "
            f"{info['jax_device']}, PyTorch {info['torch']}"
            + (f" on {info['torch_device']}" if "torch_device" in info else " on CPU")
-           + f", git {info.get('git') or '?'}. Images/s = images / wall seconds of the whole "
-           "command (model load, decode, model, filtering, RLE, writes); warm: samjax's "
-           "compilation cache filled by the cold run. Ratio > 1: samjax faster.", "",
+           + f", git {info.get('git') or '?'}"
+           + (f", load average {info['load_average'][0]:.1f} at the start"
+              if info.get("load_average") else "")
+           + ". Command img/s = images / wall seconds of the whole command (model load, "
+           "decode, model, filtering, RLE, writes), warm (samjax's compilation cache filled "
+           "by the cold run); per image: the same without loading the model. Ratio > 1: "
+           "samjax faster.", "",
            "| model | points | setting | format | images | samjax dtype | official img/s "
-           "(warm) | samjax img/s (warm) | ratio warm | official cold s | samjax cold s | "
-           "ratio cold | masks/img official / samjax |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "(command) | samjax img/s (command) | ratio | official img/s (per image) | "
+           "samjax img/s (per image) | ratio | cold s official / samjax | masks/img "
+           "official / samjax |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | "
+           "--- |"]
   for r in rows:
     o, s = r["official"], r["samjax"]
     lines.append(
         f"| {r['model']} | {r['points_per_side']}x{r['points_per_side']} | {r['setting']} | "
         f"{r['format']} | {r['images']} | {r['samjax_dtype']} | {o['warm_images_per_s']:.3g} | "
-        f"{s['warm_images_per_s']:.3g} | **{r['ratio_warm']:.2f}** | {o['cold_s']:.1f} | "
-        f"{s['cold_s']:.1f} | {r['ratio_cold']:.2f} | {o['masks_per_image']:.1f} / "
-        f"{s['masks_per_image']:.1f} |")
+        f"{s['warm_images_per_s']:.3g} | **{r['ratio_warm']:.2f}** | "
+        f"{o['loop_images_per_s']:.3g} | {s['loop_images_per_s']:.3g} | "
+        f"{r['ratio_loop']:.2f} | {o['cold_s']:.1f} / {s['cold_s']:.1f} | "
+        f"{o['masks_per_image']:.1f} / {s['masks_per_image']:.1f} |")
   if rows:
     lines += ["", f"Images: {rows[0]['image_set']}."]
   return "\n".join(lines) + "\n"
@@ -355,15 +391,18 @@ def main(argv: Optional[list[str]] = None) -> int:
                       help="samjax compute dtypes, comma list (the official runs in fp32, "
                            "TF32 off) (default: %(default)s)")
   parser.add_argument("--torch-device", default="cpu", help="amg.py --device")
-  parser.add_argument("--image-dir", default=DEFAULT_IMAGE_DIR,
-                      help="photos to use (default: %(default)s; synthesized scenes when "
-                           "it does not exist)")
+  parser.add_argument("--image-dir", default=None,
+                      help="photos to use (default: the first of "
+                           f"{', '.join(IMAGE_DIRS)} that exists; 'none' or a missing "
+                           "folder: synthesized scenes)")
   parser.add_argument("--max-side", type=int, default=800,
                       help="photos are shrunk to this longest side (default: %(default)s)")
   parser.add_argument("--out", default="benchmarks/results/bulk",
                       help="where results.json and results.md go")
   parser.add_argument("--work-dir", default=None, help="scratch folder (default: a temp dir)")
   args = parser.parse_args(argv)
+  if args.image_dir is None:
+    args.image_dir = next((d for d in IMAGE_DIRS if os.path.isdir(d)), None)
   import jax  # pylint: disable=import-outside-toplevel
   jax.config.update("jax_default_matmul_precision", "highest")
   import torch  # pylint: disable=import-outside-toplevel

@@ -13,6 +13,12 @@
 #      $AMG_SETTINGS, default the official thresholds; AMG=0 skips it: its first call
 #      compiles for 1-2 minutes).
 #   3. vit_b: ViT-B encoder at batch 8 and 1 in bf16 and fp32, and the prompt path.
+#   4. bulk: `samjax automask` against the official scripts/amg.py end to end on a folder
+#      (benchmarks/bulk_throughput.py; $BULK_RUNS, default ViT-B 32x32 at the official
+#      thresholds on 8 images; samjax in $BULK_DTYPES, default bfloat16 (what --dtype
+#      auto picks; each dtype compiles cold for 1-2 minutes), amg.py in fp32; BULK=0
+#      skips it). amg.py is not in the segment_anything wheel: put it at .whl/amg.py
+#      (carried with the wheels) or name it in $SAMJAX_OFFICIAL_AMG.
 # Each stage only starts if enough of BENCH_BUDGET_S (default 330 s) is left, and is
 # stopped (SIGINT, then SIGKILL) before the budget runs out; every stage saves its JSON and
 # markdown after each row, so what finished is kept. At the end everything is packed into
@@ -94,14 +100,29 @@ fi
 stage vit_b 60 "${B_MAX_S:-120}" --models vit_b --batch-sizes 8,1 --dtypes bfloat16,float32 \
   --peak on --warmup 2 --iters 10 --no-prompt-upscale
 
+if [[ "${BULK:-1}" == 1 ]]; then
+  l=$(left)
+  if (( l < 90 )); then
+    echo "=== stage bulk skipped: ${l}s left, needs 90s" | tee -a "$LOG"
+  else
+    lim=$(( l - 15 < ${BULK_MAX_S:-240} ? l - 15 : ${BULK_MAX_S:-240} ))
+    echo "=== stage bulk (${l}s left, up to ${lim}s)" | tee -a "$LOG"
+    # Results are saved after each row, so a stop at the limit keeps the finished rows.
+    timeout -s INT -k 10 "$lim" python3 -m benchmarks.bulk_throughput --torch-device cuda \
+      --runs ${BULK_RUNS:-vit_b:32:defaults:8} --dtypes "${BULK_DTYPES:-bfloat16}" \
+      --out "$OUT/bulk" 2>&1 | tee -a "$LOG"
+    echo "=== stage bulk exit code ${PIPESTATUS[0]}" | tee -a "$LOG"
+  fi
+fi
+
 # Pack: optimized HLO of the encoder variants, traces and every stage's outputs.
 mkdir -p "$OUT/hlo"
 find /tmp/xla_dump -name '*after_optimizations.txt' -size +100k -exec cp {} "$OUT/hlo/" \; \
   2>/dev/null
-for s in vit_h vit_b amg; do
+for s in vit_h vit_b amg bulk; do
   [[ -f "$OUT/$s/results.md" ]] && cp "$OUT/$s/results.md" "$OUT/$s.md"
 done
-(cd "$OUT" && tar czf results.tar.gz --exclude=results.tar.gz vit_h vit_b amg hlo \
-  2>/dev/null; rm -rf vit_h vit_b amg hlo)
+(cd "$OUT" && tar czf results.tar.gz --exclude=results.tar.gz vit_h vit_b amg bulk hlo \
+  2>/dev/null; rm -rf vit_h vit_b amg bulk hlo)
 ls -la "$OUT" | tee -a "$LOG"
 echo "total ${SECONDS}s" | tee -a "$LOG"

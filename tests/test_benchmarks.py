@@ -115,3 +115,27 @@ def test_no_benchmark_module_shadows_the_standard_library():
   here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
   names = {f[:-3] for f in os.listdir(here) if f.endswith(".py")}
   assert not names & set(sys.stdlib_module_names)
+
+
+def test_bulk_throughput_settings_mean_the_same_on_both_sides():
+  """benchmarks/bulk_throughput.py gives amg.py and `samjax automask` the same flags: each
+  setting must parse on both sides into the same generator options."""
+  from benchmarks import bulk_throughput as bulk
+  from samjax.cli import build_parser
+  from samjax.cli.automask import options_from_args
+  path = bulk.find_official_amg()
+  if path is None:
+    pytest.skip("the official scripts/amg.py is not here (set $SAMJAX_OFFICIAL_AMG)")
+  amg = bulk.load_official_amg(path)
+  for setting, values in bulk.SETTINGS.items():
+    flags = bulk.gen_flags(bulk.Run.parse(f"vit_b:12:{setting}:3"))
+    official = amg.get_amg_kwargs(amg.parser.parse_args(
+        ["--input", "x", "--output", "y", "--model-type", "vit_b", "--checkpoint", "c",
+         *flags]))
+    assert official == {"points_per_side": 12, **values}
+    ours = options_from_args(build_parser().parse_args(["automask", "x", "--out", "y",
+                                                        *flags]))
+    for k, v in official.items():
+      assert getattr(ours, k) == v, (setting, k)
+  with pytest.raises(Exception, match="MODEL:POINTS:SETTING"):
+    bulk.Run.parse("vit_b:8:nonsense")

@@ -270,6 +270,9 @@ def test_resume_per_format(runs, trained_pth, images, tmp_path):
     assert (summary.done, summary.skipped) == (1, len(IMAGES) - 1), fmt
     after = {n: (out / n).read_bytes() for n in _names(out)}
     assert after == before, fmt  # stale mask and temporary gone, the rest identical
+  # The manifest records the format: resuming into this folder with another one stops.
+  with pytest.raises(ValueError, match="output_format"):
+    _ours(images, out, trained_pth, "amg-png")
 
 
 def test_overlays_next_to_outputs(runs, trained_pth, images, tmp_path):

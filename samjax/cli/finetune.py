@@ -107,9 +107,10 @@ def _check_steps(args: argparse.Namespace) -> None:
   if args.warmup_steps < 0:
     raise ValueError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
   if args.warmup_steps >= args.steps:
+    default = TrainConfig().warmup_steps
     raise ValueError(f"--steps {args.steps} is too few: the learning-rate warmup takes "
-                     f"--warmup-steps {args.warmup_steps} (default {TrainConfig().warmup_steps}), and "
-                     "training needs at least one step after it; give --steps more than "
+                     f"--warmup-steps {args.warmup_steps} (default {default}), and training "
+                     "needs at least one step after it; give --steps more than "
                      "--warmup-steps, or fewer --warmup-steps")
 
 
@@ -174,8 +175,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   from samjax.train.plots import matplotlib_missing
-  if matplotlib_missing():
-    print(f"warning: {matplotlib_missing()}", file=sys.stderr)
+  no_plot = matplotlib_missing()
+  if no_plot:
+    print(f"warning: {no_plot}", file=sys.stderr)
   print(f"finetune: {config.name} ({source}), train={tc.train}, {len(train_data)} training "
         f"images" + (f", {len(val_data)} validation images" if val_data else "")
         + f", {jax.device_count()} device(s)", file=sys.stderr)

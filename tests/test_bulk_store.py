@@ -327,6 +327,16 @@ def test_nothing_streams_into_a_final_name_at_a_url(s3, memfs, monkeypatch):
   assert _keys(client, dst) == sorted(
       ["out/failures.jsonl"] + [f"out/{i}.png.{e}" for i in range(3) for e in ("json", "png")])
   assert all(m.startswith("r") for m in opened)
+  # The rerun finds the outputs from one listing and reads only the ones that exist.
+  reads = []
+  real_cat = fs.cat_file
+  monkeypatch.setattr(fs, "cat_file", lambda path, *a, **k: reads.append(path) or
+                      real_cat(path, *a, **k))
+  memfs.pipe_file("memory://in/3.png", _png(3))
+  again = bulk.run_job(["memory://in"], f"s3://{dst}/out", _fake_generate, overlays=True,
+                       progress=False, handle_signals=False)
+  assert (again.done, again.skipped, again.failed) == (1, 3, 1)
+  assert not [r for r in reads if "3.png" in r or "bad.png.json" in r]
 
 
 @pytest.mark.parametrize("case", ["input_bucket", "out_bucket", "input_key", "protocol_in",

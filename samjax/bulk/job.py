@@ -436,11 +436,19 @@ def run_job(inputs: Sequence[PathLike], out_dir: PathLike, generate_batch: Gener
       print(f"samjax bulk: cannot list {path}: {reason}", file=sys.stderr)
       failures.add(path, "list", reason)
 
+  # At a URL: one listing of what exists, so a missing output costs no request (and
+  # the outputs that exist are checked on several threads).
+  present = None if overwrite else store.listing(out_dir)
+
   def finished(p: str) -> bool:
+    if present is not None and outputs[p] not in present:
+      return False
     return layout.is_valid(outputs[p]) and (
         not overlays or store.exists(layout.overlay_path(outputs[p])))
 
-  todo = list(plan.shard) if overwrite else [p for p in plan.shard if not finished(p)]
+  todo = list(plan.shard) if overwrite else [
+      p for p, done in zip(plan.shard, store.map_io(finished, plan.shard, out_dir)) if not done]
+  present = None  # Stale from here on (claimed() checks again, locally).
   skipped = len(plan.shard) - len(todo)
   # One listing of the leftovers of killed writes; each goes when its image is claimed
   # (then nobody else is writing it), including the `*.<pid>.<hex>.tmp` of old versions.

@@ -398,6 +398,42 @@ def open_read(location: str) -> BinaryIO:
   return store_for(location).open_read(location)
 
 
+def listing(root: str) -> Optional[frozenset]:
+  """Every object under URL `root` and every "folder" (prefix) above them, from one
+  recursive listing: lets a resume skip one request per missing output.
+
+  Returns:
+    None for a local path (looking at each file is cheap there), or when the listing
+    fails (the caller then looks at each output).
+  """
+  if not is_url(root):
+    return None
+  where = store_for(root)
+  try:
+    found = where.find(root)
+  except OSError:
+    return None
+  present = set(found)
+  for url in found:
+    parent = where.dirname(url)
+    while parent not in present and len(parent) > len(root):
+      present.add(parent)
+      parent = where.dirname(parent)
+  return frozenset(present)
+
+
+def map_io(fn: Callable, items, location: str, threads: int = 16) -> list:
+  """`[fn(x) for x in items]`, on `threads` threads when `location` is a URL (each
+  call waits on the network), in order."""
+  items = list(items)
+  if not is_url(location) or len(items) < 2:
+    return [fn(x) for x in items]
+  import concurrent.futures  # pylint: disable=import-outside-toplevel
+  with concurrent.futures.ThreadPoolExecutor(min(threads, len(items)),
+                                             thread_name_prefix="samjax-store") as pool:
+    return list(pool.map(fn, items))
+
+
 def describe_error(e: BaseException) -> str:
   """A short reason for a storage error (for one-line messages)."""
   return _reason(e)

@@ -238,7 +238,7 @@ def scan_inputs(inputs: Iterable[PathLike], exclude_dirs: Sequence[PathLike] = (
       else:
         raise FileNotFoundError(f"input {raw!r} does not exist")
       continue
-    path = store.LOCAL.norm(raw)
+    path = store.LOCAL.norm(os.path.expanduser(raw))
     if os.path.isdir(path):
       folders.add(path)
     elif os.path.isfile(path):

@@ -106,7 +106,8 @@ class LocalStore:
   protocol = ""
 
   def norm(self, path: PathLike) -> str:
-    return os.path.abspath(os.path.expanduser(_local_path(os.fspath(path))))
+    """Absolute path (`file://` stripped); "~" is the caller's business, as before."""
+    return os.path.abspath(_local_path(os.fspath(path)))
 
   def join(self, base: str, *parts: str) -> str:
     return os.path.join(base, *parts)
@@ -119,10 +120,6 @@ class LocalStore:
 
   def basename(self, path: str) -> str:
     return os.path.basename(path.rstrip(os.sep))
-
-  @property
-  def sep(self) -> str:
-    return os.sep
 
   def kind(self, path: str) -> Optional[str]:
     """"dir", "file" or None (missing)."""
@@ -162,7 +159,6 @@ class FsspecStore:
   """
 
   local = False
-  sep = "/"
 
   def __init__(self, protocol: str, fs=None):
     self.protocol = protocol
@@ -363,11 +359,6 @@ def dirname(path: str) -> str:
   return store_for(path).dirname(path)
 
 
-def same_store(a: str, b: str) -> bool:
-  """Whether both locations are local, or URLs of one protocol."""
-  return store_for(a) is store_for(b)
-
-
 def is_under(path: str, root: str) -> bool:
   """Whether normalized `path` is `root` or lies inside it (same store only)."""
   if is_url(path) != is_url(root) or (is_url(path) and
@@ -432,8 +423,3 @@ def map_io(fn: Callable, items, location: str, threads: int = 16) -> list:
   with concurrent.futures.ThreadPoolExecutor(min(threads, len(items)),
                                              thread_name_prefix="samjax-store") as pool:
     return list(pool.map(fn, items))
-
-
-def describe_error(e: BaseException) -> str:
-  """A short reason for a storage error (for one-line messages)."""
-  return _reason(e)

@@ -33,13 +33,18 @@ Design points:
   time, whatever the number of inputs.
 * Shared output folders: each image is claimed (`samjax.bulk.claims`, an O_EXCL file)
   before it is decoded, so several jobs started on the same folder split the work;
-  the claims of a dead job are taken over.
+  the claims of a dead job are taken over. Local folders only (see below).
+* Object storage: inputs and the output folder may be URLs of any fsspec protocol
+  (`samjax.bulk.store`): the same listing, sharding and resume; each output is one
+  whole-object upload (never visible half-written, no temporaries); the failure log
+  is rewritten whole; no claims.
 * Multi-process: each process takes a disjoint strided shard of the sorted input
   list; processes never coordinate, so `generate_batch` must only use the devices
   local to its process.
 
 Modules: `inputs` (listing, sharding, decoding ahead), `outputs` (names, records,
-validity, overlays, the failure log), `claims`, `job` (`plan_job`, `run_job`,
+validity, overlays, the failure log), `claims`, `store` (local paths and URLs behind
+one interface), `job` (`plan_job`, `run_job`,
 `JobSummary`, `JobError`), `provenance` (the job manifest `samjax_job.json`, what each
 output records, the resume check). Images are decoded by `samjax.io.images.load_image`.
 """

@@ -213,6 +213,20 @@ def test_processes_split_url_inputs_without_overlap_or_gap(memfs, tmp_path):
   assert failed == ["memory://in/broken.png"]
 
 
+def test_folder_outputs_resume_at_a_url(memfs):
+  """amg-png writes a folder per image: the resume listing knows folders (prefixes)."""
+  for i in range(3):
+    memfs.pipe_file(f"memory://in/s/img{i}.png", _png(i))
+  first = bulk.run_job(["memory://in"], "memory://out/png", _fake_generate, progress=False,
+                       handle_signals=False, output_format="amg-png")
+  assert (first.done, first.failed) == (3, 0)
+  assert memfs.exists("memory://out/png/s/img0/metadata.csv")
+  memfs.rm_file("memory://out/png/s/img1/metadata.csv")  # Incomplete: redone.
+  again = bulk.run_job(["memory://in"], "memory://out/png", _fake_generate, progress=False,
+                       handle_signals=False, output_format="amg-png")
+  assert (again.done, again.skipped) == (1, 2)
+
+
 # ------------------------------------------------------------------------ S3 (moto)
 
 

@@ -1,4 +1,5 @@
-"""Bulk automatic-mask jobs: many images in, one SA-1B style JSON per image out.
+"""Bulk automatic-mask jobs: many images in, one SA-1B style JSON (or the files of the
+official scripts/amg.py, `layouts`) per image out.
 
 The job is built around any `generate_batch(images) -> per-image annotation lists`
 callable (normally `samjax.AutomaticMaskGenerator.generate_batch` with
@@ -43,7 +44,8 @@ Design points:
   local to its process.
 
 Modules: `inputs` (listing, sharding, decoding ahead), `outputs` (names, records,
-validity, overlays, the failure log), `claims`, `store` (local paths and URLs behind
+validity, overlays, the failure log), `layouts` (the output formats: `sa1b`, and
+amg.py's `amg-json` and `amg-png`), `claims`, `store` (local paths and URLs behind
 one interface), `job` (`plan_job`, `run_job`,
 `JobSummary`, `JobError`), `provenance` (the job manifest `samjax_job.json`, what each
 output records, the resume check). Images are decoded by `samjax.io.images.load_image`.

@@ -6,6 +6,9 @@
 * `write_overlay`: the optional PNG next to the JSON.
 * `FailureLog`: the JSON-lines file of images that failed, and why.
 
+These are the `sa1b` layout's; `samjax.bulk.layouts` holds the registry of output
+formats (this one and the official amg.py's) that the job writes through.
+
 Every output is written whole through `samjax.bulk.store` (locally
 `samjax.io.files.atomic_write`; on object stores one whole-object upload), so a file
 under its final name is always complete, whatever killed the job. Locally the failure

@@ -193,6 +193,15 @@ def test_failure_log_at_a_url_is_rewritten_whole(memfs):
   assert FailureLog(url).compact(succeeded={"memory://in/b.png", "memory://in/c.png",
                                             "memory://in/d.png"})
   assert not memfs.exists(url)  # Nothing left: the object goes.
+  # A waiting record is uploaded after flush_s even when no other failure follows.
+  timed = FailureLog(url, flush_s=1.0)
+  timed.add("memory://in/e.png", "load", "broken")
+  timed.add("memory://in/f.png", "load", "broken")
+  assert len(memfs.cat_file(url).splitlines()) == 1
+  deadline = time.time() + 10
+  while len(memfs.cat_file(url).splitlines()) < 2 and time.time() < deadline:
+    time.sleep(0.05)
+  assert len(memfs.cat_file(url).splitlines()) == 2
 
 
 def test_processes_split_url_inputs_without_overlap_or_gap(memfs, tmp_path):

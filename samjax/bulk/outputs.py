@@ -227,10 +227,10 @@ class FailureLog:
   `compact` drops the records that are no longer true (see there).
 
   At a URL (an object store has no appends) the log is one object rewritten whole:
-  the earlier runs' records are read once, and the whole text is uploaded again at
-  most every `flush_s` seconds while failures come, and at `compact`. A kill loses
-  at most the records of the last `flush_s` seconds (those images have no output,
-  so the rerun tries them again). Only one writer per log object: the processes of
+  the earlier runs' records are read once, and the whole text is uploaded again
+  when a failure comes, at most every `flush_s` seconds (a record waits at most that
+  long), and at `compact`. A kill loses at most the records of the last `flush_s`
+  seconds (those images have no output, so the rerun tries them again). Only one writer per log object: the processes of
   a job write one log each, and jobs sharing a URL output are not supported.
 
   Args:
@@ -253,6 +253,7 @@ class FailureLog:
     self._text: Optional[str] = None  # At a URL: the whole log as it should be.
     self._dirty = False
     self._flushed_at = 0.0
+    self._timer: Optional[threading.Timer] = None
 
   def _remote_text(self) -> str:
     """At a URL: the log's text, read from the store on first use."""
@@ -269,8 +270,20 @@ class FailureLog:
       text += "\n"  # A torn last line of an earlier writer: keep ours separate.
     self._text = text + line
     self._dirty = True
-    if time.monotonic() - self._flushed_at >= self._flush_s:
+    waited = time.monotonic() - self._flushed_at
+    if waited >= self._flush_s:
       self.flush()
+    elif self._timer is None:  # Uploaded by then even if no other failure comes.
+      self._timer = threading.Timer(self._flush_s - waited, self._timed_flush)
+      self._timer.daemon = True
+      self._timer.start()
+
+  def _timed_flush(self) -> None:
+    with self._lock:
+      self._timer = None
+      if self.write_error is None:
+        with contextlib.suppress(OSError):  # Still waiting: the next add or compact retries.
+          self.flush()
 
   def flush(self) -> None:
     """At a URL: uploads the whole log if records wait (a no-op locally).
@@ -348,6 +361,9 @@ class FailureLog:
 
     if self._remote:
       with self._lock:
+        if self._timer is not None:
+          self._timer.cancel()
+          self._timer = None
         return self._compact_remote(keep)
     try:
       if not os.path.exists(self.path):

@@ -363,7 +363,8 @@ def test_nothing_streams_into_a_final_name_at_a_url(s3, memfs, monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["input_bucket", "out_bucket", "input_key", "protocol_in",
-                                  "protocol_out", "not_a_url", "no_credentials"])
+                                  "protocol_out", "not_a_url", "no_credentials", "no_bucket",
+                                  "mistyped"])
 def test_bad_locations_are_one_line_errors_with_status_2(case, s3, monkeypatch, capsys,
                                                          tmp_path):
   client, _ = s3
@@ -381,6 +382,9 @@ def test_bad_locations_are_one_line_errors_with_status_2(case, s3, monkeypatch, 
       "protocol_out": ([good_in, "--out", "nosuchproto://x/y"],
                        "unknown storage protocol nosuchproto://"),
       "not_a_url": ([good_in, "--out", f"s3://{src}/imgs/0.png"], "is an object, not a folder"),
+      "no_bucket": (["s3:///imgs", "--out", good_out], "'s3:///imgs' names no bucket"),
+      "mistyped": ([good_in, "--out", f"s3:/{src}/out"],
+                   f"looks like a mistyped URL: write s3://{src}/out"),
       "no_credentials": ([good_in, "--out", str(tmp_path / "out")],
                          "cannot be reached: NoCredentialsError: Unable to locate credentials"),
   }[case]
@@ -398,3 +402,4 @@ def test_bad_locations_are_one_line_errors_with_status_2(case, s3, monkeypatch, 
   assert code == 2, err
   assert expect in err and "Traceback" not in err
   assert len([x for x in err.splitlines() if "error:" in x]) == 1
+  assert not (tmp_path / "out").exists() and not os.path.exists("s3:")  # Nothing made.

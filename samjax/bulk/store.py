@@ -43,8 +43,10 @@ PathLike = Union[str, "os.PathLike[str]"]
 _URL_RE = re.compile(r"^(?P<protocol>[A-Za-z][A-Za-z0-9+.-]*)://(?P<rest>.*)$", re.S)
 # The client package each common protocol needs, for the error when it is missing.
 _PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs",
-             "abfs": "adlfs", "http": "aiohttp", "https": "aiohttp"}
+             "abfs": "adlfs", "http": "aiohttp", "https": "aiohttp", "memory": "fsspec"}
 _INSTALL_HINT = "pip install 'samjax[cloud]'"
+# "s3:/bucket/x", "gs:bucket/x": a URL missing a slash or two.
+_TYPO_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/?(?!/)")
 # Protocols whose first path segment is a bucket (container) that must exist.
 _BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss"})
 
@@ -87,16 +89,18 @@ def _as_os_error(e: Exception, location: str) -> OSError:
   PermissionError without an errno (s3fs's AccessDenied) gets EACCES so the job
   recognises a write error that every image would meet.
   """
-  if isinstance(e, FileNotFoundError):
-    return FileNotFoundError(errno.ENOENT, _reason(e), location)
-  if isinstance(e, PermissionError):
-    return PermissionError(e.errno or errno.EACCES, _reason(e), location)
-  if isinstance(e, OSError) and e.errno:
-    return type(e)(e.errno, _reason(e), location)
-  # botocore's NoCredentialsError, EndpointConnectionError, ClientError...: not OSErrors.
   name = type(e).__name__
   text = _reason(e)
-  return OSError(errno.EIO, text if name in text else f"{name}: {text}", location)
+  if type(e).__module__ != "builtins":  # aiohttp's, botocore's...: name the kind.
+    text = text if name in text else f"{name}: {text}"
+  if isinstance(e, FileNotFoundError):
+    return FileNotFoundError(errno.ENOENT, text, location)
+  if isinstance(e, PermissionError):
+    return PermissionError(e.errno or errno.EACCES, text, location)
+  # Other OSErrors keep their errno (ENOSPC...); NoCredentialsError & co. are not OSErrors.
+  # A plain OSError: library subclasses may not take (errno, text, filename).
+  return OSError(e.errno if isinstance(e, OSError) and e.errno else errno.EIO, text,
+                 location)
 
 
 class LocalStore:
@@ -106,8 +110,18 @@ class LocalStore:
   protocol = ""
 
   def norm(self, path: PathLike) -> str:
-    """Absolute path (`file://` stripped); "~" is the caller's business, as before."""
-    return os.path.abspath(_local_path(os.fspath(path)))
+    """Absolute path (`file://` stripped); "~" is the caller's business, as before.
+
+    Raises:
+      StoreError: a mistyped URL (`s3:/bucket/x`), which would otherwise become a
+        local folder named "s3:".
+    """
+    path = _local_path(os.fspath(path))
+    m = _TYPO_RE.match(path)
+    if m and m.group(1).lower() in _PACKAGES:
+      raise StoreError(f"{path!r} looks like a mistyped URL: write "
+                       f"{m.group(1)}://{path[m.end():]}")
+    return os.path.abspath(path)
 
   def join(self, base: str, *parts: str) -> str:
     return os.path.join(base, *parts)
@@ -166,8 +180,16 @@ class FsspecStore:
 
   # ------------------------------------------------------------------ names
   def norm(self, url: PathLike) -> str:
-    """`protocol://a/b` without "." / ".." / empty segments or a trailing "/"."""
+    """`protocol://a/b` without "." / ".." / empty segments or a trailing "/".
+
+    Raises:
+      StoreError: a bucket store's URL without a bucket (`s3://`, `s3:///x`), which
+        would otherwise mean every bucket the credentials can see.
+    """
     protocol, rest = split_url(os.fspath(url))
+    if protocol in _BUCKET_PROTOCOLS and not rest.split("/", 1)[0]:
+      raise StoreError(f"{os.fspath(url)!r} names no bucket: write "
+                       f"{protocol}://BUCKET/prefix")
     rest = posixpath.normpath("/" + rest).lstrip("/") if rest else ""
     return f"{protocol}://{rest}"
 
@@ -294,6 +316,14 @@ def _filesystem(protocol: str):
     hint = _INSTALL_HINT if protocol in _PACKAGES else "install the package it names"
     raise StoreError(f"{protocol}:// locations need the {package or 'client'} package "
                      f"({hint}): {_reason(e)}") from None
+  if not os.environ.get("SAMJAX_TRACEBACK"):
+    # Client libraries log retries with tracebacks (gcsfs) and guesses (bucket types)
+    # to stderr through logging's last-resort handler; the error we raise says why.
+    import logging  # pylint: disable=import-outside-toplevel
+    for name in {cls.__module__.split(".")[0], "fsspec"}:
+      logger = logging.getLogger(name)
+      if not logger.handlers:
+        logger.addHandler(logging.NullHandler())
   try:
     # A fresh instance: fsspec's cache would hand back one made from an older
     # environment (other credentials) after `set_store(protocol, None)`.

@@ -290,13 +290,19 @@ class FsspecStore:
 
 
 def _storage_options(protocol: str) -> dict:
-  """Options for `fsspec.filesystem(protocol)` taken from the environment."""
+  """Options for `fsspec.filesystem(protocol)`, from the environment.
+
+  Listings are never cached: a resume must see what other processes wrote since.
+  """
+  options = {}
+  if protocol in _BUCKET_PROTOCOLS:
+    options["use_listings_cache"] = False
   if protocol in ("s3", "s3a"):
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     ignore = os.environ.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").lower() == "true"
     if endpoint and not ignore:
-      return {"endpoint_url": endpoint}
-  return {}
+      options["endpoint_url"] = endpoint
+  return options
 
 
 def _filesystem(protocol: str):

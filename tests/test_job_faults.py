@@ -278,10 +278,18 @@ def test_second_signal_stops_at_once(tmp_path):
                env={"FAKE_DELAY": "5", "FAKE_STARTED": str(started)})
   wait_for(started.exists, what="the generator")
   assert len(list((out / claims_lib.CLAIMS_DIR).iterdir())) == 4
+  lines = []
+  reader = threading.Thread(target=lambda: lines.extend(p.stderr), daemon=True)
+  reader.start()
   p.send_signal(signal.SIGINT)
-  time.sleep(0.3)
+  # The second signal only once the first was handled: two sent before the process
+  # ran (a loaded machine) would arrive as one, which finishes the batch instead.
+  wait_for(lambda: any("finishing the images in flight" in line for line in lines),
+           timeout=60, what="the first SIGINT to be handled")
   p.send_signal(signal.SIGINT)
-  _, err = p.communicate(timeout=30)
+  p.wait(timeout=30)
+  reader.join(timeout=10)
+  err = "".join(lines)
   assert p.returncode == 130, err
   assert "Traceback" not in err and "finishing the images in flight" in err
   assert not outputs(out) and not leftovers(out)

@@ -54,7 +54,8 @@ def _cmd(*args):
 
 def _outputs(out: Path):
   return {p.relative_to(out).as_posix(): json.loads(p.read_text())
-          for p in sorted(out.rglob("*.json")) if p.name != "samjax_job.json"}
+          for p in sorted(out.rglob("*.json"))
+          if p.name != "samjax_job.json" and not p.name.startswith(".")}  # not temporaries
 
 
 def _strip(record):

@@ -94,7 +94,8 @@ def run_cli(argv, monkeypatch, generator=None):
 
 def outputs(out: Path) -> dict[str, dict]:
   return {p.relative_to(out).as_posix(): json.loads(p.read_text())
-          for p in sorted(out.rglob("*.json")) if p.name != "samjax_job.json"}
+          for p in sorted(out.rglob("*.json"))
+          if p.name != "samjax_job.json" and not p.name.startswith(".")}  # not temporaries
 
 
 def failures(out: Path, name: str = "failures.jsonl") -> list[dict]:

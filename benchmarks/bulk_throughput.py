@@ -373,8 +373,9 @@ def markdown(rows: list[dict], info: dict, command: str) -> str:
         f"{o['loop_images_per_s']:.3g} | {s['loop_images_per_s']:.3g} | "
         f"{r['ratio_loop']:.2f} | {o['cold_s']:.1f} / {s['cold_s']:.1f} | "
         f"{o['masks_per_image']:.1f} / {s['masks_per_image']:.1f} |")
-  if rows:
-    lines += ["", f"Images: {rows[0]['image_set']}."]
+  sets = sorted({r["image_set"] for r in rows})
+  if sets:
+    lines += ["", "Images: " + "; ".join(sets) + "."]
   return "\n".join(lines) + "\n"
 
 

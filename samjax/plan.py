@@ -104,6 +104,14 @@ PROGRAMS = ("encode", "crop_stats", "crop_masks", "decode")
 #: Largest per-device encoder batch the search tries.
 _MAX_SEARCH_PER_DEVICE = 1024
 
+#: crop_stats / crop_masks loop (`lax.map` over a device's crops and point batches, a
+#: while loop over mask chunks). Measured: XLA:CPU's cost analysis of `lax.map(f, xs)`
+#: reports the FLOPs of one `f` whatever the length of xs, and for v5e crop_stats at 4
+#: crops per device reports the FLOPs of the 1-crop program.
+LOOP_NOTE = ("crop_stats and crop_masks loop over each device's crops, point batches and "
+             "mask chunks, and XLA's cost analysis counts a loop body once: their FLOPs, "
+             "bytes and roofline (so the bulk job's) leave most of their work out and are "
+             "no bound; the encoder's are complete")
 NOT_TIMINGS = ("Compile-time figures from XLA's TPU compiler on this host, NOT timings on "
                "a chip: the roofline is a lower bound on the run time.")
 
@@ -994,6 +1002,8 @@ def plan(target: str = "local", model: str = "vit_h", dtype: str = "bfloat16",
     saved = sorted(f for f in os.listdir(save_dir) if f.endswith("-cache"))
 
   notes = []
+  if any(p.name in ("crop_stats", "crop_masks") and p.compiled for p in programs):
+    notes.append(LOOP_NOTE)
   if spec.devices_per_chip > 1:
     notes.append(f"this topology has {spec.devices_per_chip} devices per {spec.chip.name} "
                  "chip (one per TensorCore, megacore off): HBM, FLOP/s and bandwidth are per "

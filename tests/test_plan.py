@@ -116,6 +116,7 @@ def _check_job(report, chips):
     assert p.argument_bytes > 0 and p.flops > 0 and p.bytes_accessed > 0, p.to_dict()
     assert p.roofline_s and p.roofline_s > 0, p.to_dict()
   assert report.ok and not report.failures()
+  assert plan_lib.LOOP_NOTE in report.notes  # the crop programs' FLOPs are incomplete
   assert 0 < report.job_peak_bytes < report.capacity_bytes
   assert report.images_per_s_per_chip() > 0
   # Per call, the job processes each image's one (full-image) crop once per program.

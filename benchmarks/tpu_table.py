@@ -247,6 +247,30 @@ def bulk(target: str, say=print) -> str:
   return text
 
 
+def bulk_markdown(target: str) -> Optional[str]:
+  """A markdown table of a `--bulk` report (None if there is none yet)."""
+  path = os.path.join(REPORTS, f"plan-{target.replace(':', '-')}-vit_h.json")
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    r = json.load(f)
+  lines = [f"`{r['command']}`: {r['num_devices']} x {r['device_kind']}, "
+           f"{r['capacity_bytes'] / 1e9:.0f} GB HBM each; "
+           + ("every program compiles and fits." if r["ok"] else
+              "NOT OK: " + "; ".join(r["failures"])),
+           "", "| program | shapes | HBM per chip | of HBM | compile s |",
+           "| --- | --- | --- | --- | --- |"]
+  for p in r["programs"]:
+    hbm = (f"{p['total_bytes'] / 1e9:.2f} GB | {100 * p['hbm_fraction']:.0f}%"
+           if not p["error"] else f"{p['error']} |")
+    lines.append(f"| {p['name']}{'' if p['in_job'] else ' (not in the job)'} | "
+                 f"{p['detail']} | {hbm} | {p['compile_s']:.0f} |")
+  lines.append(f"| the job's estimated peak | largest program + one call's low-res logits | "
+               f"{r['job_peak_bytes'] / 1e9:.2f} GB | "
+               f"{100 * r['job_peak_bytes'] / r['capacity_bytes']:.0f}% | |")
+  return "\n".join(lines)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
   p = argparse.ArgumentParser(prog="python -m benchmarks.tpu_table",
                               description=__doc__.split("\n\n")[0])
@@ -272,6 +296,11 @@ def main(argv: Optional[List[str]] = None) -> int:
   print(render(data, args.rows))
   print()
   print(commands(args.rows))
+  if args.render:
+    for target in ("v5e:2x4", "v6e:2x2"):
+      text = bulk_markdown(target)
+      if text:
+        print(f"\n{text}")
   return 0
 
 

@@ -38,10 +38,11 @@ SINGLE_CHIP = {"v5e": "v5e:1x1", "v6e": "v6e:1x1", "v4": "v4:1x1x1", "v5p": "v5p
 MODELS = ("vit_b", "vit_h", "vit_l")
 DEFAULT_OUT = os.path.join(os.path.dirname(__file__), "results", "tpu_table.json")
 REPORTS = os.path.join(os.path.dirname(__file__), "reports")
-#: Measured on one H200 (README, "GPU: NVIDIA H200"; benchmarks/reports/h200-2026-11-28-*).
+#: Measured on one H200, bf16 (README, "GPU: NVIDIA H200": ViT-H from
+#: reports/h200-2026-11-28-vit_h-variants.md, ViT-B from the first run, h200-2026-11-28-run1.md).
 H200 = {
-    "vit_h": "68.4 img/s (batch 8, bf16, `fold_mla`; h200-2026-11-28-vit_h-variants.md)",
-    "vit_b": "195 img/s batch 8, 146 batch 1 (bf16, older code; h200-2026-11-28-run1.md)",
+    "vit_h": "68.4 img/s (batch 8)",
+    "vit_b": "195 img/s (batch 8), 146 (batch 1); older code",
     "vit_l": "not measured",
 }
 #: The README's bulk command (`samjax automask ... --model vit_h --points-per-side 32

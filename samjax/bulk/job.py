@@ -75,7 +75,7 @@ class JobSummary:
 
   Attributes:
     total: images in this process's shard.
-    done: images processed by this run (valid JSON written).
+    done: images processed by this run (complete output written).
     skipped: images whose valid output already existed.
     failed: failures recorded by this run: images, and inputs that could not be
       listed (see `failures_path`).
@@ -368,8 +368,8 @@ def run_job(inputs: Sequence[PathLike], out_dir: PathLike, generate_batch: Gener
       (`segmentation` ideally a COCO RLE; binary masks and uncompressed RLE are
       converted). It must only use this process's devices.
     batch_size: images per `generate_batch` call (the last one may be smaller).
-    overlays: also write `<name>.png` next to each JSON (written before the JSON,
-      so a valid JSON implies its overlay; with overlays on, an image whose PNG is
+    overlays: also write `<name>.png` next to each output (written before the output,
+      so a valid output implies its overlay; with overlays on, an image whose PNG is
       missing is redone).
     overlay_fn: (image (H, W, 3) uint8, annotations with `segmentation` decoded to
       (H, W) bool) -> uint8 RGB image. Defaults to `samjax.viz.overlay_anns`.

@@ -389,3 +389,23 @@ def test_write_if_absent_without_hard_links(tmp_path, monkeypatch):
   assert prov_lib.write_if_absent(path, b"second") is False
   assert Path(path).read_bytes() == b"first" and [p.name for p in tmp_path.iterdir()] == [
       "m.json"]
+
+
+def test_a_checkpoint_without_digests_is_identified_by_its_files(tmp_path):
+  """An Orbax checkpoint whose samjax.json records no digest (the trained fixture was
+  written before digests) still resumes: its params/ files identify it, and a changed
+  byte in them counts as another checkpoint."""
+  fixture = Path(__file__).parent / "fixtures" / "tiny_trained"
+  meta = json.loads((fixture / METADATA_FILE).read_text())
+  assert "source_sha256" not in meta and "params_digest" not in meta  # the case tested
+  copy = tmp_path / "ckpt"
+  shutil.copytree(fixture, copy)
+  first = prov_lib.checkpoint_identity(str(copy), None)
+  assert first["sha256_of"] == "files" and len(first["sha256"]) == 64
+  assert prov_lib.checkpoint_identity(str(copy), None)["sha256"] == first["sha256"]
+  biggest = max((p for p in (copy / "params").rglob("*") if p.is_file()),
+                key=lambda p: p.stat().st_size)
+  data = bytearray(biggest.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  biggest.write_bytes(bytes(data))
+  assert prov_lib.checkpoint_identity(str(copy), None)["sha256"] != first["sha256"]

@@ -13,7 +13,9 @@ carries the same fields under `"provenance"`, so a single file can be audited:
                        "source" (a converted Orbax checkpoint: the .pth it was
                        converted from, `source_sha256` of its samjax.json) or
                        "official" (--model without --checkpoint and nothing cached
-                       yet: the published SHA-256 the download is verified against).
+                       yet: the published SHA-256 the download is verified against)
+                       or "files" (an Orbax checkpoint whose samjax.json records no
+                       digest: the SHA-256 of its params/ files, names and bytes).
                        `params_sha256` is the digest of every parameter array that
                        an Orbax checkpoint's samjax.json records (`params_digest.all`,
                        checked when it loads); None for a .pth.
@@ -99,8 +101,9 @@ def checkpoint_identity(checkpoint: Optional[str], model: Optional[str]) -> Dict
 
   Returns:
     {"path", "format" ("pth" | "orbax" | "official"), "sha256", "sha256_of" ("file" |
-    "source" | "official" | None), "params_sha256", "model_type"}; `model_type` is
-    None for a .pth (its config is detected from the tensors when it loads).
+    "source" | "official" | "files" | None), "params_sha256", "model_type"};
+    `model_type` is None for a .pth (its config is detected from the tensors when it
+    loads).
 
   Raises:
     samjax.io.checkpoint.CheckpointError: an Orbax folder without a readable samjax.json.
@@ -133,11 +136,32 @@ def _orbax_identity(path: str) -> Dict[str, Any]:
   digest = meta.get(ckpt_lib.DIGEST_KEY)
   params = digest.get("all") if isinstance(digest, dict) else None
   model_type = meta.get("model_type")
-  return {"path": path, "format": "orbax",
-          "sha256": source if isinstance(source, str) else None,
-          "sha256_of": "source" if isinstance(source, str) else None,
-          "params_sha256": params if isinstance(params, str) else None,
+  sha, sha_of = (source, "source") if isinstance(source, str) else (None, None)
+  params = params if isinstance(params, str) else None
+  if sha is None and params is None:
+    # A checkpoint that records neither digest (written by an older samjax, or saved
+    # by hand): its parameter files' bytes are what identifies it.
+    sha, sha_of = _files_sha256(os.path.join(path, "params")), "files"
+  return {"path": path, "format": "orbax", "sha256": sha, "sha256_of": sha_of,
+          "params_sha256": params,
           "model_type": model_type if isinstance(model_type, str) else None}
+
+
+def _files_sha256(folder: str) -> Optional[str]:
+  """SHA-256 over every file below `folder` (relative names and bytes, sorted)."""
+  h = hashlib.sha256()
+  found = False
+  for root, dirs, names in os.walk(folder):
+    dirs.sort()
+    for name in sorted(names):
+      full = os.path.join(root, name)
+      h.update(os.path.relpath(full, folder).encode() + b"\0")
+      with open(full, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+          h.update(block)
+      h.update(b"\0")
+      found = True
+  return h.hexdigest() if found else None
 
 
 # ------------------------------------------------------------------------- provenance

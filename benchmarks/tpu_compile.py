@@ -44,9 +44,14 @@ def chip_info(chip: str):
 
 
 def tpu_device(chip: str):
-  """One chip of a described topology (compiles for it; runs nothing)."""
-  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
-  return topologies.get_topology_desc(TOPOLOGIES.get(chip, chip), "tpu").devices[0]
+  """One chip of a described topology (compiles for it; runs nothing).
+
+  Described as `samjax plan` describes it (`samjax.plan.topology_devices`: one host,
+  v4 chips as one megacore device each, as a TPU VM runs them), so the figures here
+  and the plan's are of the same program.
+  """
+  from samjax.plan import topology_devices  # pylint: disable=import-outside-toplevel
+  return topology_devices(TOPOLOGIES.get(chip, chip))[0]
 
 
 def attention_kwarg() -> str:

@@ -28,6 +28,10 @@ Which programs (exactly those the bulk job runs, from `AutomaticMaskGenerator`):
   with more images than that per device the job's encoder calls are smaller.
 * the interactive decoder (`Runtime.decode`, one embedding, 1 and 64 single-point
   prompts, replicated on every device).
+* on request (`programs=(..., "train_step")`, not part of the job): the fine-tuning
+  step of `samjax finetune` (`samjax.train.step.train_step_fn`, the default
+  `TrainConfig` with this batch size, dtype and attention: images in, the decoder
+  trained), its state replicated and donated, its batch split over the devices.
 
 Devices. A topology's devices are those of one host (process 0): the bulk job's
 Runtime spans `jax.local_devices()`, so each host of a multi-host slice runs the same
@@ -99,8 +103,10 @@ from samjax.amg.options import AmgOptions
 DEFAULT_MARGIN = 0.10
 #: Survivor masks per `crop_masks` call (the generator's SURVIVOR_CHUNK).
 _SURVIVOR_CHUNK = 32
-#: The programs `plan` can compile (all by default).
+#: The programs of the bulk job, which `plan` compiles by default.
 PROGRAMS = ("encode", "crop_stats", "crop_masks", "decode")
+#: Programs outside the bulk job that `plan` compiles when asked (`programs=`).
+EXTRA_PROGRAMS = ("train_step",)
 #: Largest per-device encoder batch the search tries.
 _MAX_SEARCH_PER_DEVICE = 1024
 
@@ -449,7 +455,7 @@ class PlanReport:
                      f"{', the search stops there' if capped else ''}); tried "
                      + ", ".join(f"{b}:{r}" for b, r in (p.search or [])))
     lines.append("* not part of the bulk job (the --batch-size step as asked, or the "
-                 "interactive decoder); roofline per chip in items/s")
+                 "interactive decoder, or the fine-tuning step); roofline per chip in items/s")
     job = self.images_per_s_per_chip()
     lines.append(f"bulk job: estimated HBM peak {_gb(self.job_peak_bytes)} per device "
                  f"({100 * self.job_peak_bytes / self.capacity_bytes:.0f}%); "
@@ -762,13 +768,44 @@ def _lower_crop_stats(rt, call: CropCall, emb_aval, options: AmgOptions, mask_ch
   return lowered, rows, cols
 
 
+def _train_config(base, batch: int, dtype: Any, attention: Optional[str]):
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from samjax.train.config import TrainConfig  # pylint: disable=import-outside-toplevel
+  try:
+    return dataclasses.replace(base if base is not None else TrainConfig(), batch_size=batch,
+                               dtype=jnp.dtype(dtype).name, attention=attention or "auto")
+  except (TypeError, ValueError) as e:
+    raise PlanError(f"train_config: {e}") from None
+
+
+def _lower_train_step(rt, tc):
+  """`samjax finetune`'s compiled step, lowered against abstract state and batch."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from samjax.train.optim import make_optimizer  # pylint: disable=import-outside-toplevel
+  from samjax.train.step import train_step_fn  # pylint: disable=import-outside-toplevel
+  params = rt.abstract_params()
+  rep, sh = rt.replicated, rt.batch_sharding
+  opt = jax.tree_util.tree_map(lambda a: _abstract(a.shape, a.dtype, rep),
+                               jax.eval_shape(make_optimizer(tc).init, params))
+  state = {"params": params, "opt_state": opt, "step": _abstract((), jnp.int32, rep)}
+  b, k, s = tc.batch_size, tc.instances_per_image, rt.config.image_size
+  batch = {"valid_hw": _abstract((b, 2), jnp.int32, sh),
+           "gt": _abstract((b, k, s, s), jnp.uint8, sh),
+           "boxes": _abstract((b, k, 4), jnp.float32, sh),
+           "inst_valid": _abstract((b, k), jnp.bool_, sh),
+           "images": _abstract((b, s, s, 3), jnp.uint8, sh)}
+  return train_step_fn(tc, rt).lower(state, batch)
+
+
 def _search(measure: Callable[[int], ProgramPlan], start: ProgramPlan,
             known: Sequence[ProgramPlan] = (), max_compiles: Optional[int] = None
             ) -> Tuple[Optional[int], List[Tuple[int, str]], Dict[int, ProgramPlan]]:
   """Largest batch whose program fits, by compiling: a bracket [fits, does not fit].
 
   Memory grows about linearly with the batch, so each next try is where the line
-  through the two nearest measured sizes crosses the budget (bytes the compiler asked
+  through the bracket's two ends (or, with no measured upper end, the two measured
+  sizes nearest the largest fitting one) crosses the budget (bytes the compiler asked
   for count for programs it refused), kept strictly inside the bracket; with no upper
   end yet that guess is at most 4x the largest fitting size, and with nothing measured
   to go on it doubles (or halves). Ends when the bracket is one apart: usually 3-5
@@ -796,8 +833,14 @@ def _search(measure: Callable[[int], ProgramPlan], start: ProgramPlan,
     known = sorted((k, size(p)) for k, p in tried.items() if size(p) is not None)
     if len(known) < 2:
       return None
-    ref = lo if lo else known[0][0]
-    (k1, m1), (k2, m2) = sorted(known, key=lambda km: abs(km[0] - ref))[:2]
+    sizes = dict(known)
+    if lo in sizes and hi in sizes:
+      # Both ends of the bracket measured: the line through them (the crossing lies
+      # between them; the two sizes nearest `lo` may both be below it and overshoot).
+      (k1, m1), (k2, m2) = (lo, sizes[lo]), (hi, sizes[hi])
+    else:
+      ref = lo if lo else known[0][0]
+      (k1, m1), (k2, m2) = sorted(known, key=lambda km: abs(km[0] - ref))[:2]
     if k1 == k2 or m1 == m2:
       return None
     slope = (m2 - m1) / (k2 - k1)
@@ -847,6 +890,7 @@ def plan(target: str = "local", model: str = "vit_h", dtype: str = "bfloat16",
          margin: float = DEFAULT_MARGIN, find_max_batch: bool = False,
          decoder_prompts: Sequence[int] = (1, 64), programs: Sequence[str] = PROGRAMS,
          crops_per_device: Optional[int] = None, save_dir: Optional[str] = None,
+         train_config: Optional[Any] = None,
          progress: Optional[Callable[[str], None]] = None) -> PlanReport:
   """Compiles every program of the bulk job for `target` ahead of time; see the module.
 
@@ -862,10 +906,13 @@ def plan(target: str = "local", model: str = "vit_h", dtype: str = "bfloat16",
     margin: fraction of HBM kept free for a program to count as fitting.
     find_max_batch: also search the largest encoder batch that fits.
     decoder_prompts: prompt counts of the interactive decoder programs.
-    programs: which of `PROGRAMS` to compile (crop_masks needs crop_stats).
+    programs: which of `PROGRAMS` (and `EXTRA_PROGRAMS`) to compile (crop_masks needs
+      crop_stats).
     crops_per_device: the generator's most crops per device per call (its
       `crops_per_device` attribute; default: its own choice, 4 on accelerators).
     save_dir: write the bulk job's programs to this persistent compilation cache.
+    train_config: the `TrainConfig` of the "train_step" program (default: the
+      defaults); its batch size, dtype and attention are replaced by this plan's.
     progress: called with a line before each compile.
 
   Returns:
@@ -880,9 +927,10 @@ def plan(target: str = "local", model: str = "vit_h", dtype: str = "bfloat16",
   from samjax.config import get_config  # pylint: disable=import-outside-toplevel
   from samjax.runtime import Runtime  # pylint: disable=import-outside-toplevel
 
-  unknown = sorted(set(programs) - set(PROGRAMS))
+  unknown = sorted(set(programs) - set(PROGRAMS + EXTRA_PROGRAMS))
   if unknown:
-    raise PlanError(f"unknown program(s) {unknown}; choose from {list(PROGRAMS)}")
+    raise PlanError(f"unknown program(s) {unknown}; choose from "
+                    f"{list(PROGRAMS + EXTRA_PROGRAMS)}")
   options = options if options is not None else AmgOptions()
   options = options.replace(output_mode="coco_rle")
   say = progress or (lambda _: None)
@@ -989,6 +1037,14 @@ def plan(target: str = "local", model: str = "vit_h", dtype: str = "bfloat16",
                                         pack=pack, mask_chunk=chunk)
       say(f"compiling crop_masks ({where}) ...")
       programs.append(_measure(masks, lower_masks))
+
+    if "train_step" in wanted:
+      tc = _train_config(train_config, step, dtype, attention)
+      train = ProgramPlan("train_step", f"{step} images x {tc.instances_per_image} "
+                          f"instances, train={tc.train!r}, {tc.prompt_iters} prompt "
+                          f"iterations ({step // n}/device)", False, step, "image", **common)
+      say(f"compiling train_step, batch {step} ...")
+      programs.append(_measure(train, lambda: _lower_train_step(rt, tc)))
 
     for prompts in decoder_prompts if "decode" in wanted else ():
       dec = ProgramPlan("decode", f"1 embedding, {prompts} point prompt(s), replicated", False,

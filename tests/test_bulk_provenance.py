@@ -379,6 +379,31 @@ def test_the_manifest_at_an_fsspec_url(monkeypatch):
     fs.rm("/provenance-test", recursive=True)
 
 
+def test_outputs_without_a_manifest_at_a_url_are_found_by_one_listing(monkeypatch):
+  fsspec = pytest.importorskip("fsspec")
+  from samjax.bulk import store
+  fs = fsspec.filesystem("memory")
+  memory = store.FsspecStore("memory", fs)
+  monkeypatch.setattr(store, "_STORES", {"memory": memory})
+  out = "memory://provenance-list/out"
+  outputs = [f"{out}/img{i:04d}.json" for i in range(500)]
+  base = prov_lib.Provenance.create(
+      checkpoint={"path": "/x.pth", "format": "pth", "sha256": "b" * 64,
+                  "sha256_of": "file", "params_sha256": None, "model_type": "tiny"},
+      options=AmgOptions(output_mode="coco_rle"), dtype="float32",
+      attention_requested="auto")
+  calls = []
+  monkeypatch.setattr(memory, "exists", lambda url: calls.append(url) or fs.exists(url))
+  try:
+    assert prov_lib.check_manifest(out, base, outputs) == (None, [])  # nothing there yet
+    fs.pipe(outputs[-1][len("memory://"):], b"{}")  # one output of an older job
+    with pytest.raises(prov_lib.ManifestMismatch, match="img0499.json.*but no"):
+      prov_lib.check_manifest(out, base, outputs)
+    assert len(calls) <= 2, len(calls)  # the manifest itself, not 500 outputs
+  finally:
+    fs.rm("/provenance-list", recursive=True)
+
+
 def test_write_if_absent_without_hard_links(tmp_path, monkeypatch):
   def no_links(src, dst):
     raise PermissionError(1, "Operation not permitted")

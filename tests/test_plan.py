@@ -2,8 +2,9 @@
 
 Needs XLA's TPU compiler (libtpu; skipped without it), no TPU. Compiling for a TPU is
 slow even for the tiny model, so the tiny cases use 64x64 images and a 4x4 point grid:
-every program of the bulk job (encoder, crop_stats, crop_masks) still compiles, at
-small shapes, for two generations, v5e and v5p. Not v6e: its compiler retries small
+every program of the bulk job (encoder, crop_stats, crop_masks) and the fine-tuning
+step still compile, at small shapes, for two generations: v5e over 8 chips (2x4) and
+v5p over 4 (2x2x1). Not v6e: its compiler retries small
 fusions in VMEM, and the same tiny job took 913 s for v6e:2x4 (749 s of it the
 encoder) against 130 s for v5p:2x2x1 and 209 s for v4:2x2x1, measured one after the
 other on the same busy 2-core host; the README's v6e figures come from
@@ -31,6 +32,7 @@ import pytest  # noqa: E402
 
 from samjax import plan as plan_lib  # noqa: E402
 from samjax.amg.options import AmgOptions  # noqa: E402
+from samjax.train.config import TrainConfig  # noqa: E402
 
 pytest.importorskip("libtpu", reason="needs XLA's TPU compiler: pip install 'jax[tpu]'")
 
@@ -99,14 +101,23 @@ def _tested_attention():
 # ----------------------------------------------------------------------------------
 # Compiled plans (module scope: each compile is tens of seconds).
 # ----------------------------------------------------------------------------------
+# The fine-tuning step, small: 2 instances per image, 2 prompt iterations (a first
+# prompt and one correction, so the scan over corrections is compiled too).
+WITH_TRAIN = dict(programs=plan_lib.PROGRAMS + ("train_step",),
+                  train_config=TrainConfig(instances_per_image=2, prompt_iters=2))
+
+
 @pytest.fixture(scope="module")
 def tiny_v5e():
-  return plan_lib.plan("v5e:2x2", model="tiny", batch_size=4, decoder_prompts=(1,), **SMALL)
+  # 8 chips (a v5litepod-8 host); the v5p job below is 4 chips.
+  return plan_lib.plan("v5e:2x4", model="tiny", batch_size=8, decoder_prompts=(1,),
+                       **SMALL, **WITH_TRAIN)
 
 
 @pytest.fixture(scope="module")
 def tiny_v5p():
-  return plan_lib.plan("v5p:2x2x1", model="tiny", batch_size=4, decoder_prompts=(), **SMALL)
+  return plan_lib.plan("v5p:2x2x1", model="tiny", batch_size=4, decoder_prompts=(),
+                       **SMALL, **WITH_TRAIN)
 
 
 def _check_job(report, chips):
@@ -129,9 +140,9 @@ def _check_job(report, chips):
 
 
 def test_tiny_bulk_job_compiles_and_fits_v5e(tiny_v5e):
-  _check_job(tiny_v5e, 4)
+  _check_job(tiny_v5e, 8)
   enc = tiny_v5e.program("encode")
-  assert enc.in_job and enc.items == 4 and enc.items_per_device == 1
+  assert enc.in_job and enc.items == 8 and enc.items_per_device == 1
   decode = [p for p in tiny_v5e.programs if p.name == "decode"]
   assert len(decode) == 1 and not decode[0].in_job
   text = tiny_v5e.format()
@@ -142,6 +153,20 @@ def test_tiny_bulk_job_compiles_and_fits_v5p(tiny_v5p):
   _check_job(tiny_v5p, 4)  # one megacore device per chip
   assert tiny_v5p.device_kind == "TPU v5"
   assert tiny_v5p.chip is plan_lib.CHIPS["v5p"]
+
+
+def test_fine_tuning_step_compiles_and_fits(tiny_v5e, tiny_v5p):
+  for report, chips in ((tiny_v5e, 8), (tiny_v5p, 4)):
+    train = report.program("train_step")
+    assert train.compiled and train.fits and not train.in_job, train.to_dict()
+    assert train.items == chips and train.num_devices == chips  # one image per chip
+    assert "2 instances" in train.detail and "train='decoder'" in train.detail
+    enc = report.program("encode")
+    # Its state holds the params and the optimizer's moments of the decoder; it
+    # encodes its images (frozen encoder) and runs the decoder forward and backward.
+    assert train.argument_bytes > enc.argument_bytes, (train.to_dict(), enc.to_dict())
+    assert train.flops_per_item > enc.flops_per_item, (train.to_dict(), enc.to_dict())
+    assert "fine-tuning step" in report.format()
 
 
 def test_flops_are_plausible(tiny_v5e, tiny_v5p):
@@ -179,7 +204,7 @@ def test_cli_batch_that_cannot_fit_fails_with_one_line(tiny_v5e, capsys):
   from samjax.cli import main  # pylint: disable=import-outside-toplevel
   # The job's encoder calls (1 crop per device) are the fixture's: a cache hit; only
   # the 65536-image step compiles, and the compiler refuses it at once.
-  rc = main(["plan", "--target", "v5e:2x2", "--model", "tiny", "--batch-size", "65536",
+  rc = main(["plan", "--target", "v5e:2x4", "--model", "tiny", "--batch-size", "65536",
              "--crops-per-device", "1", "--programs", "encode", "--json", "--quiet",
              *SMALL_FLAGS])
   out, err = capsys.readouterr()
@@ -198,12 +223,12 @@ def test_cli_batch_that_cannot_fit_fails_with_one_line(tiny_v5e, capsys):
 def test_cli_json_of_a_plan_that_fits(tiny_v5e, capsys):
   from samjax.cli import main  # pylint: disable=import-outside-toplevel
   # The fixture's crop programs (the encoder is not needed for them): cache hits.
-  rc = main(["plan", "--target", "v5e:2x2", "--model", "tiny", "--batch-size", "4",
+  rc = main(["plan", "--target", "v5e:2x4", "--model", "tiny", "--batch-size", "8",
              "--programs", "crop_stats,crop_masks", "--json", *SMALL_FLAGS])
   out, err = capsys.readouterr()
   assert rc == 0, err
   report = json.loads(out)
-  assert report["ok"] and not report["failures"] and report["num_devices"] == 4
+  assert report["ok"] and not report["failures"] and report["num_devices"] == 8
   assert "NOT timings" in report["disclaimer"]
   assert {p["name"] for p in report["programs"]} == {"crop_stats", "crop_masks"}
   assert report["chip"]["source"].startswith("https://cloud.google.com/tpu/docs/")

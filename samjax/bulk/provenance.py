@@ -406,6 +406,19 @@ def _mismatch_message(out_dir: str, blocking: Sequence[str]) -> str:
           "to recompute everything with the new ones, or choose another --out")
 
 
+def _first_existing(out_dir: str, outputs: Sequence[str]) -> Optional[str]:
+  """The first of `outputs` that exists: one listing of `out_dir` at a URL (an object
+  store answers one request per `exists`), a `stat` per output on a local disk."""
+  where = _store(os.fspath(out_dir))
+  if not hasattr(where, "find"):
+    return next((p for p in outputs if _store(p).exists(p)), None)
+  try:
+    listed = set(where.find(os.fspath(out_dir)))
+  except OSError:
+    listed = set()  # nothing there yet (or unlistable: the job's own writes will say)
+  return next((p for p in outputs if where.norm(p) in listed), None)
+
+
 def check_manifest(out_dir: str, provenance: Provenance, outputs: Sequence[str] = (),
                    overwrite: bool = False) -> Tuple[Optional[Manifest], List[str]]:
   """The check before the model loads: may a job with `provenance` resume in `out_dir`?
@@ -427,7 +440,7 @@ def check_manifest(out_dir: str, provenance: Provenance, outputs: Sequence[str] 
     return None, []
   found = read_manifest(out_dir)
   if found is None:
-    existing = next((p for p in outputs if _store(p).exists(p)), None)
+    existing = _first_existing(out_dir, outputs)
     if existing is not None:
       raise ManifestMismatch(
           f"{out_dir} has outputs (e.g. {existing}) but no "

@@ -39,6 +39,7 @@ EPILOG = "exit status:\n" + "\n".join(
 EXIT_DOES_NOT_FIT = 1
 MODELS = ("vit_b", "vit_l", "vit_h", "tiny")
 PROGRAMS = ("encode", "crop_stats", "crop_masks", "decode")  # == samjax.plan.PROGRAMS
+EXTRA_PROGRAMS = ("train_step",)  # == samjax.plan.EXTRA_PROGRAMS
 
 
 def batch_size_arg(text: str) -> Union[int, str]:
@@ -71,9 +72,10 @@ def margin_arg(text: str) -> float:
 
 def programs_arg(text: str) -> Tuple[str, ...]:
   names = tuple(p.strip() for p in text.split(",") if p.strip())
-  bad = [p for p in names if p not in PROGRAMS]
+  bad = [p for p in names if p not in PROGRAMS + EXTRA_PROGRAMS]
   if bad or not names:
-    raise argparse.ArgumentTypeError(f"wants a comma list of {', '.join(PROGRAMS)}, "
+    raise argparse.ArgumentTypeError(f"wants a comma list of "
+                                     f"{', '.join(PROGRAMS + EXTRA_PROGRAMS)}, "
                                      f"got {text!r}")
   return names
 
@@ -111,7 +113,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
   job.add_argument("--max-batch", action="store_true",
                    help="also find the largest encoder batch that fits (a few more compiles)")
   job.add_argument("--programs", type=programs_arg, default=PROGRAMS, metavar="LIST",
-                   help=f"which programs to compile (default: {','.join(PROGRAMS)})")
+                   help=f"which programs to compile (default: {','.join(PROGRAMS)}; "
+                        f"also: {','.join(EXTRA_PROGRAMS)}, the fine-tuning step)")
   job.add_argument("--save", default=None, metavar="DIR",
                    help="write the compiled programs to this persistent compilation cache "
                         "folder; `samjax automask --compilation-cache DIR` then starts "

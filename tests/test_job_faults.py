@@ -112,9 +112,15 @@ def leftovers(out: Path) -> list[str]:
 
 # A command line with the fake generator, for tests that need a real process.
 FAKE_CLI = textwrap.dedent("""
-    import hashlib, os, sys, time
+    import hashlib, os, signal, sys, time
     import numpy as np
     from samjax.cli import automask, main
+
+    # As from a terminal: SIGINT raises KeyboardInterrupt. A child inherits an ignored
+    # SIGINT from its parent (a background job of a shell, or a test runner some library
+    # left so), and then a second SIGINT is ignored too, as the job promises ("does
+    # what it would have done without us").
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     DELAY = float(os.environ.get("FAKE_DELAY", "0"))
     LOAD_DELAY = float(os.environ.get("FAKE_LOAD_DELAY", "0"))

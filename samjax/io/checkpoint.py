@@ -749,6 +749,32 @@ def _quiet_closed_loop(prev):
   return hook
 
 
+class _QuietAbandonedReads:
+  """logging filter for the "asyncio" logger dropping one harmless report.
+
+  After a failed restore the reads of the other arrays (Orbax's `async_deserialize`
+  tasks) end with the same NOT_FOUND / DATA_LOSS error, which nobody awaits any more;
+  when such a task is garbage collected asyncio logs "Task exception was never
+  retrieved" with a traceback, at a moment that depends on the collector. The
+  `CheckpointError` already names the damage, so those reports are dropped; every other
+  asyncio record passes.
+  """
+
+  samjax_quiet_abandoned_reads = True
+
+  def filter(self, record) -> bool:
+    msg = record.getMessage()
+    return not (msg.startswith("Task exception was never retrieved")
+                and "async_deserialize" in msg)
+
+
+def _quiet_abandoned_reads() -> None:
+  import logging  # pylint: disable=import-outside-toplevel
+  log = logging.getLogger("asyncio")
+  if not any(getattr(f, "samjax_quiet_abandoned_reads", False) for f in log.filters):
+    log.addFilter(_QuietAbandonedReads())
+
+
 def _restore_error(ckpt_dir, e: BaseException) -> CheckpointError:
   """One readable error from Orbax/TensorStore's exception chain."""
   chain, x = [], e
@@ -806,7 +832,9 @@ def load_params(ckpt_dir: str | os.PathLike, dtype=jnp.float32, sharding=None, *
     with ocp.StandardCheckpointer() as ckptr:
       params = ckptr.restore(d.absolute() / PARAMS_DIR, target)
   except Exception as e:  # orbax raises many types; name the directory and the cause
-    # The hook stays: callbacks of reads still in flight fail after this point.
+    # The hook stays: callbacks of reads still in flight fail after this point, and
+    # their abandoned tasks are reported when collected.
+    _quiet_abandoned_reads()
     raise _restore_error(d, e) from None
   if getattr(sys.unraisablehook, "samjax_quiet_closed_loop", False) and not getattr(
       prev_hook, "samjax_quiet_closed_loop", False):

@@ -15,6 +15,8 @@ from typing import Tuple, Union
 
 from samjax.cli._common import attention_impl, positive_int
 from samjax.cli.automask import add_generator_arguments, options_from_args
+# samjax.plan imports jax only inside its functions: `--help` stays jax-free.
+from samjax.plan import EXTRA_PROGRAMS, PROGRAMS
 
 HELP = "compile the bulk job for TPU chips ahead of time: HBM, FLOPs, roofline (no TPU needed)"
 DESCRIPTION = (
@@ -38,8 +40,6 @@ EPILOG = "exit status:\n" + "\n".join(
 
 EXIT_DOES_NOT_FIT = 1
 MODELS = ("vit_b", "vit_l", "vit_h", "tiny")
-PROGRAMS = ("encode", "crop_stats", "crop_masks", "decode")  # == samjax.plan.PROGRAMS
-EXTRA_PROGRAMS = ("train_step",)  # == samjax.plan.EXTRA_PROGRAMS
 
 
 def batch_size_arg(text: str) -> Union[int, str]:

@@ -409,9 +409,10 @@ def _mismatch_message(out_dir: str, blocking: Sequence[str]) -> str:
 def _first_existing(out_dir: str, outputs: Sequence[str]) -> Optional[str]:
   """The first of `outputs` that exists: one listing of `out_dir` at a URL (an object
   store answers one request per `exists`), a `stat` per output on a local disk."""
-  where = _store(os.fspath(out_dir))
-  if not hasattr(where, "find"):
+  from samjax.bulk import store  # pylint: disable=import-outside-toplevel
+  if not store.is_url(out_dir):
     return next((p for p in outputs if _store(p).exists(p)), None)
+  where = store.store_for(out_dir)
   try:
     listed = set(where.find(os.fspath(out_dir)))
   except OSError:

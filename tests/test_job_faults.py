@@ -282,9 +282,8 @@ def test_second_signal_stops_at_once(tmp_path):
   out = tmp_path / "out"
   started = tmp_path / "started"
   p = fake_cli(tmp_path, data, "--out", out, "--batch-size", 4, "--no-progress",
-               # 30 s an image: the batch must still be in flight when the second
-               # signal comes, however loaded the machine (it failed once at 5 s, the
-               # batch finishing in between); the second signal ends the wait at once.
+               # 30 s an image: the batch is surely still in flight when the second
+               # signal comes, however loaded the machine; that signal ends it at once.
                env={"FAKE_DELAY": "30", "FAKE_STARTED": str(started)})
   wait_for(started.exists, what="the generator")
   assert len(list((out / claims_lib.CLAIMS_DIR).iterdir())) == 4

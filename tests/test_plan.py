@@ -293,6 +293,15 @@ def test_job_calls_follow_the_generator():
     assert call.prompts_per_batch == slots, (side, ppb, call)
 
 
+def test_bad_train_config_and_programs_are_plan_errors():
+  with pytest.raises(plan_lib.PlanError, match="train_config"):
+    plan_lib._train_config(object(), 8, "bfloat16", "auto")  # pylint: disable=protected-access
+  with pytest.raises(plan_lib.PlanError, match="train_config: batch_size must be >= 1"):
+    plan_lib._train_config(None, 0, "bfloat16", "auto")  # pylint: disable=protected-access
+  with pytest.raises(plan_lib.PlanError, match="unknown program.*'train'.*train_step"):
+    plan_lib.plan("v5e:1x1", model="tiny", programs=("encode", "train"))
+
+
 def test_batch_search_brackets_the_largest_fit():
   def measure_with(cap, fixed, per_item, limit):
     def measure(k):
